@@ -1,0 +1,106 @@
+"""Block allocator: per-sequence block lists over a shared pool, with reference counts for forks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class OutOfBlocks(RuntimeError):
+    """The pool has no free block left."""
+
+
+@dataclass
+class Sequence:
+    blocks: list[int] = field(default_factory=list)
+    length: int = 0
+
+
+class BlockAllocator:
+    """Hands out block ids of a pool of `num_blocks`; a block returns to the free list when its
+    last owner frees it. Full blocks may be shared by forked sequences; the last, partially
+    filled block of a sequence is always its own, so appends never touch a shared block."""
+
+    def __init__(self, num_blocks: int, tokens_per_block: int):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.tokens_per_block = tokens_per_block
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._refs = [0] * num_blocks
+        self.sequences: dict[int, Sequence] = {}
+        self._next_id = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def _take(self) -> int:
+        if not self._free:
+            raise OutOfBlocks(f"all {self.num_blocks} blocks are in use")
+        block = self._free.pop()
+        self._refs[block] = 1
+        return block
+
+    def _release(self, block: int) -> None:
+        self._refs[block] -= 1
+        if self._refs[block] == 0:
+            self._free.append(block)
+
+    def _seq(self, seq_id: int) -> Sequence:
+        if seq_id not in self.sequences:
+            raise KeyError(f"seq_id {seq_id} is not a live sequence (live: {sorted(self.sequences)[:8]})")
+        return self.sequences[seq_id]
+
+    def add_sequence(self) -> int:
+        seq_id = self._next_id
+        self._next_id += 1
+        self.sequences[seq_id] = Sequence()
+        return seq_id
+
+    def blocks_needed(self, seq_id: int, num_new_tokens: int) -> int:
+        seq = self._seq(seq_id)
+        return -(-(seq.length + num_new_tokens) // self.tokens_per_block) - len(seq.blocks)
+
+    def extend(self, seq_id: int, num_new_tokens: int) -> list[int]:
+        """Reserve room for `num_new_tokens` more tokens; returns their slots (block * T + row)."""
+        if num_new_tokens < 0:
+            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
+        seq = self._seq(seq_id)
+        need = self.blocks_needed(seq_id, num_new_tokens)
+        if need > len(self._free):
+            raise OutOfBlocks(f"sequence {seq_id} needs {need} more blocks, {len(self._free)} are free")
+        seq.blocks.extend(self._take() for _ in range(need))
+        t = self.tokens_per_block
+        slots = [seq.blocks[p // t] * t + p % t for p in range(seq.length, seq.length + num_new_tokens)]
+        seq.length += num_new_tokens
+        return slots
+
+    def fork(self, seq_id: int) -> tuple[int, tuple[int, int] | None]:
+        """New sequence sharing `seq_id`'s tokens. Full blocks are shared; a partial last block is
+        given a fresh block, returned as (source, destination) for the caller to copy."""
+        parent = self._seq(seq_id)
+        child_id = self.add_sequence()
+        child = self.sequences[child_id]
+        full = parent.length // self.tokens_per_block
+        for block in parent.blocks[:full]:
+            self._refs[block] += 1
+        child.blocks = parent.blocks[:full]
+        child.length = parent.length
+        copy = None
+        if parent.length % self.tokens_per_block:
+            try:
+                dst = self._take()
+            except OutOfBlocks:
+                self.free(child_id)
+                raise
+            child.blocks.append(dst)
+            copy = (parent.blocks[full], dst)
+        return child_id, copy
+
+    def free(self, seq_id: int) -> None:
+        for block in self._seq(seq_id).blocks:
+            self._release(block)
+        del self.sequences[seq_id]
+
+    def owners(self, block: int) -> int:
+        return self._refs[block]

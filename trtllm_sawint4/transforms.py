@@ -1,0 +1,71 @@
+"""Per-layer linear transforms applied around the quantizer.
+
+Every option of the format (rotation, sign flips, calibrated channel centring and
+scaling, V rotation) folds into four small tensors per layer, which is what the
+reference ops and the kernels take:
+
+    k' = k_matrix[h] @ k + k_bias[h]     before quantizing K      (k_matrix = R diag(1/s), k_bias = -k_matrix m)
+    q' = q_matrix[h] @ q                  before q . k'            (q_matrix = R diag(s))
+    v' = v_matrix @ v                     before quantizing V      (v_matrix = R, only with rotate_v)
+    o  = v_matrix.T @ o'                  after attention          (R is orthogonal)
+
+so q' . k' = (s*q) . ((k - m)/s) = q . k - q . m: the constant q . m is the same for every
+key of a query and softmax ignores it. The channel statistics (m, s) come from
+`sawint4 calibrate`; without them m = 0 and s = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .hadamard import random_signs, rotation_matrix
+from .spec import KVCacheSpec
+
+
+@dataclass
+class LayerTransform:
+    """Transform tensors of one layer (all float32). `None` means identity."""
+
+    k_matrix: torch.Tensor | None  # [Hkv, D, D]
+    k_bias: torch.Tensor | None  # [Hkv, D]
+    q_matrix: torch.Tensor | None  # [Hkv, D, D]
+    v_matrix: torch.Tensor | None  # [D, D]
+
+    def to(self, device: torch.device | str) -> "LayerTransform":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return LayerTransform(move(self.k_matrix), move(self.k_bias), move(self.q_matrix), move(self.v_matrix))
+
+
+def build_layer_transform(
+    spec: KVCacheSpec,
+    channel_mean: torch.Tensor | None = None,
+    channel_scale: torch.Tensor | None = None,
+) -> LayerTransform:
+    """Transforms of one layer from the spec and optional calibrated K statistics [Hkv, D]."""
+    d, h = spec.head_dim, spec.num_kv_heads
+    calibrated = channel_mean is not None or channel_scale is not None
+    if calibrated and not spec.quantized:
+        raise ValueError("channel calibration applies to quantized formats only (kv_format != 'bf16')")
+    for name, t in (("channel_mean", channel_mean), ("channel_scale", channel_scale)):
+        if t is not None and tuple(t.shape) != (h, d):
+            raise ValueError(f"{name} must have shape [num_kv_heads={h}, head_dim={d}], got {tuple(t.shape)}")
+    if channel_scale is not None and not bool((channel_scale > 0).all() and torch.isfinite(channel_scale).all()):
+        raise ValueError("channel_scale must be finite and > 0")
+    if not spec.rotated and not calibrated:
+        return LayerTransform(None, None, None, None)
+
+    if spec.rotated:
+        signs = random_signs(d, spec.sign_seed) if spec.sign_seed is not None else None
+        rot = rotation_matrix(d, spec.rotation_block, signs)
+    else:
+        rot = torch.eye(d)
+    scale = channel_scale.float() if channel_scale is not None else torch.ones(h, d)
+    mean = channel_mean.float() if channel_mean is not None else torch.zeros(h, d)
+
+    k_matrix = rot[None] / scale[:, None, :]  # R @ diag(1/s), per head
+    k_bias = -torch.einsum("hij,hj->hi", k_matrix, mean) if channel_mean is not None else None
+    q_matrix = rot[None] * scale[:, None, :]  # R @ diag(s)
+    v_matrix = rot.clone() if spec.rotate_v else None
+    return LayerTransform(k_matrix.contiguous(), k_bias, q_matrix.contiguous(), v_matrix)

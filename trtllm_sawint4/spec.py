@@ -110,12 +110,15 @@ class KVCacheSpec:
 
     @property
     def meta_bytes_per_scalar(self) -> int:
+        """Bytes of one scale (or one min); 0 for bf16, which has no metadata."""
+        if not self.quantized:
+            return 0
         return 2 if self.metadata_dtype == "fp16" else 4
 
     @property
     def meta_bytes_per_vector(self) -> int:
         """Scale plus min; 0 for bf16."""
-        return 2 * self.meta_bytes_per_scalar if self.quantized else 0
+        return 2 * self.meta_bytes_per_scalar
 
     @property
     def bytes_per_vector(self) -> int:

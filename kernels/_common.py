@@ -1,0 +1,79 @@
+"""Shared @triton.jit helpers of the SAW-INT4 kernels (imported only when triton is present).
+
+Conventions shared by every kernel:
+  * A vector of head_dim D is handled as two halves (channels 0..D/2-1 and D/2..D-1), the INT4
+    split-halves packing (byte j = c[j] | c[j + D/2] << 4), so unpacking needs no shuffles. The
+    other storages use the same halves so that one code path serves all three.
+  * Pool addressing is in bytes on the uint8 pool: region(block, kv, head) starts at
+    ((block * 2 + kv) * H + head) * R; codes, then T scales, then T mins (layout.py).
+  * Transforms are fp32 [D, D] matrices applied as four [D/2, D/2] blocks.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+STORAGE_CODE = {"bf16": 0, "int8": 1, "int4": 2}
+
+
+@triton.jit
+def _mm(x, b, PREC: tl.constexpr):
+    """x [M, K] fp32 @ b [K, N] fp32 -> fp32.
+
+    PREC 0: ieee (interpreter); 1: tf32; 2: tf32x3; 3: x is exactly bf16, b split in three bf16 terms
+    (fp32-accurate products on the bf16 tensor cores)."""
+    if PREC == 0:
+        return tl.dot(x, b, input_precision="ieee")
+    elif PREC == 1:
+        return tl.dot(x, b, input_precision="tf32")
+    elif PREC == 2:
+        return tl.dot(x, b, input_precision="tf32x3")
+    else:
+        xb = x.to(tl.bfloat16)
+        b1 = b.to(tl.bfloat16)
+        r1 = b - b1.to(tl.float32)
+        b2 = r1.to(tl.bfloat16)
+        b3 = (r1 - b2.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(xb, b3)
+        acc = tl.dot(xb, b2, acc)
+        return tl.dot(xb, b1, acc)
+
+
+@triton.jit
+def _matmul_halves(x_lo, x_hi, m_ptr, TRANS: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+    """(x @ B) in halves for x = [x_lo | x_hi] ([M, D/2] fp32 each), B = M^T if TRANS else M,
+    M an fp32 row-major [D, D] matrix at m_ptr."""
+    HALF: tl.constexpr = D // 2
+    j = tl.arange(0, HALF)[:, None]
+    i = tl.arange(0, HALF)[None, :]
+    if TRANS:
+        off = i * D + j
+        jh: tl.constexpr = HALF
+        ih: tl.constexpr = HALF * D
+    else:
+        off = j * D + i
+        jh: tl.constexpr = HALF * D
+        ih: tl.constexpr = HALF
+    y_lo = _mm(x_lo, tl.load(m_ptr + off), PREC) + _mm(x_hi, tl.load(m_ptr + off + jh), PREC)
+    y_hi = _mm(x_lo, tl.load(m_ptr + off + ih), PREC) + _mm(x_hi, tl.load(m_ptr + off + jh + ih), PREC)
+    return y_lo, y_hi
+
+
+@triton.jit
+def _round_f16(x, UP: tl.constexpr):
+    """fp32 x -> the nearest fp16 value >= x (UP) or <= x (down), returned as fp32 (x finite, |x| <= 65504)."""
+    h = x.to(tl.float16)
+    hf = h.to(tl.float32)
+    u = h.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    neg = u >= 0x8000
+    if UP:
+        need = hf < x
+        nxt = tl.where(neg, tl.where(u == 0x8000, 1, u - 1), u + 1)
+    else:
+        need = hf > x
+        nxt = tl.where(neg, u + 1, tl.where(u == 0, 0x8001, u - 1))
+    u = tl.where(need, nxt, u)
+    # back to int16 bits: values >= 0x8000 wrap to negative int16
+    u = tl.where(u >= 0x8000, u - 0x10000, u)
+    return u.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)

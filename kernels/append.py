@@ -1,0 +1,135 @@
+"""Fused append: transform + quantize + pack + store of new K/V tokens, one launch for any N.
+
+Grid (cdiv(N, BLOCK_N), H): one program writes BLOCK_N tokens of one KV head, K and V.
+The quantizer follows trtllm_sawint4/quant.py bit for bit (fp16 min rounded down, scale rounded
+up, exact IEEE division); only the transform's summation order differs from the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import STORAGE_CODE, _matmul_halves, _round_f16
+
+
+@triton.jit
+def _append_one(pool_ptr, x_ptr, stride_n, stride_h, m_ptr, m_stride_h, b_ptr, rows, rmask, blk, row, h,
+                KV: tl.constexpr, HAS_M: tl.constexpr, HAS_B: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
+                T: tl.constexpr, R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr,
+                PREC: tl.constexpr):
+    HALF: tl.constexpr = D // 2
+    cols = tl.arange(0, HALF)
+    xb = x_ptr + rows.to(tl.int64)[:, None] * stride_n + h * stride_h + cols[None, :]
+    y_lo = tl.load(xb, mask=rmask[:, None], other=0.0).to(tl.float32)
+    y_hi = tl.load(xb + HALF, mask=rmask[:, None], other=0.0).to(tl.float32)
+    if HAS_M:
+        y_lo, y_hi = _matmul_halves(y_lo, y_hi, m_ptr + h * m_stride_h, True, D, PREC)
+    if HAS_B:
+        bb = b_ptr + h * D + cols
+        y_lo = y_lo + tl.load(bb)[None, :]
+        y_hi = y_hi + tl.load(bb + HALF)[None, :]
+    base = ((blk * 2 + KV) * H + h) * R  # int64 [BLOCK_N]
+    if STORAGE == 0:  # bf16: plain copy
+        p = (pool_ptr + base[:, None] + row[:, None] * (2 * D) + 2 * cols[None, :]).to(tl.pointer_type(tl.bfloat16))
+        tl.store(p, y_lo.to(tl.bfloat16), mask=rmask[:, None])
+        tl.store(p + HALF, y_hi.to(tl.bfloat16), mask=rmask[:, None])
+    else:
+        if STORAGE == 2:
+            LEVELS: tl.constexpr = 15
+            CB: tl.constexpr = D // 2
+        else:
+            LEVELS: tl.constexpr = 255
+            CB: tl.constexpr = D
+        fin = tl.minimum(tl.min((tl.abs(y_lo) < float("inf")).to(tl.int32), 1),
+                         tl.min((tl.abs(y_hi) < float("inf")).to(tl.int32), 1)) > 0
+        y_lo = tl.where(fin[:, None], tl.minimum(tl.maximum(y_lo, -65504.0), 65504.0), 0.0)
+        y_hi = tl.where(fin[:, None], tl.minimum(tl.maximum(y_hi, -65504.0), 65504.0), 0.0)
+        mn = tl.minimum(tl.min(y_lo, 1), tl.min(y_hi, 1))
+        mx = tl.maximum(tl.max(y_lo, 1), tl.max(y_hi, 1))
+        if not META32:
+            mn = _round_f16(mn, False)
+        sc = tl.math.div_rn(mx - mn, tl.full(mn.shape, LEVELS, tl.float32))
+        if not META32:
+            sc = _round_f16(sc, True)
+        pos = sc > 0
+        safe = tl.where(pos, sc, 1.0)
+        c_lo = tl.floor(tl.math.div_rn(y_lo - mn[:, None], tl.broadcast_to(safe[:, None], y_lo.shape)) + 0.5)
+        c_hi = tl.floor(tl.math.div_rn(y_hi - mn[:, None], tl.broadcast_to(safe[:, None], y_hi.shape)) + 0.5)
+        c_lo = tl.where(pos[:, None], tl.minimum(tl.maximum(c_lo, 0.0), LEVELS), 0.0).to(tl.int32)
+        c_hi = tl.where(pos[:, None], tl.minimum(tl.maximum(c_hi, 0.0), LEVELS), 0.0).to(tl.int32)
+        cp = pool_ptr + base[:, None] + row[:, None] * CB + cols[None, :]
+        if STORAGE == 2:
+            tl.store(cp, (c_lo | (c_hi << 4)).to(tl.uint8), mask=rmask[:, None])
+        else:
+            tl.store(cp, c_lo.to(tl.uint8), mask=rmask[:, None])
+            tl.store(cp + HALF, c_hi.to(tl.uint8), mask=rmask[:, None])
+        nan = float("nan")
+        sc = tl.where(fin, sc, nan)
+        mn = tl.where(fin, mn, nan)
+        if META32:
+            sp = (pool_ptr + base + T * CB + row * 4).to(tl.pointer_type(tl.float32))
+            tl.store(sp, sc, mask=rmask)
+            tl.store(sp + T, mn, mask=rmask)
+        else:
+            sp = (pool_ptr + base + T * CB + row * 2).to(tl.pointer_type(tl.float16))
+            tl.store(sp, sc.to(tl.float16), mask=rmask)
+            tl.store(sp + T, mn.to(tl.float16), mask=rmask)
+
+
+@triton.jit
+def _append_kernel(pool_ptr, key_ptr, val_ptr, slot_ptr, km_ptr, kb_ptr, vm_ptr, N,
+                   stride_kn, stride_kh, stride_vn, stride_vh,
+                   H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
+                   STORAGE: tl.constexpr, META32: tl.constexpr, HAS_KM: tl.constexpr, HAS_KB: tl.constexpr,
+                   HAS_VM: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    blk = slot // T
+    row = slot % T
+    _append_one(pool_ptr, key_ptr, stride_kn, stride_kh, km_ptr, D * D, kb_ptr, rows, rmask, blk, row, h,
+                0, HAS_KM, HAS_KB, H, D, T, R, STORAGE, META32, PREC)
+    _append_one(pool_ptr, val_ptr, stride_vn, stride_vh, vm_ptr, 0, kb_ptr, rows, rmask, blk, row, h,
+                1, HAS_VM, False, H, D, T, R, STORAGE, META32, PREC)
+
+
+def _contig_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage: str, meta_dtype: str) -> None:
+    """Same signature and effect as trtllm_sawint4.ops.reference.append."""
+    from ..layout import tokens_per_block_of
+
+    n, h, d = key.shape
+    if n == 0:
+        return
+    t = tokens_per_block_of(pool, d, storage, meta_dtype)
+    key, value = _contig_last(key), _contig_last(value)
+    interp = pool.device.type == "cpu"
+    has_m = k_matrix is not None or v_matrix is not None
+    if interp:
+        prec = 0
+    elif key.dtype == torch.bfloat16:
+        prec = 3
+    else:
+        prec = 2
+    dummy = slot_mapping
+    block_n = 32 if (d >= 256 and has_m) else 64
+    if interp:
+        block_n = 16
+    grid = (triton.cdiv(n, block_n), h)
+    _append_kernel[grid](
+        pool, key, value, slot_mapping,
+        k_matrix.contiguous() if k_matrix is not None else dummy,
+        k_bias.contiguous() if k_bias is not None else dummy,
+        v_matrix.contiguous() if v_matrix is not None else dummy,
+        n, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        H=h, D=d, T=t, R=pool.shape[-1], STORAGE=STORAGE_CODE[storage], META32=meta_dtype == "fp32",
+        HAS_KM=k_matrix is not None, HAS_KB=k_bias is not None, HAS_VM=v_matrix is not None,
+        PREC=prec, BLOCK_N=block_n, num_warps=4 if d <= 128 else 8,
+    )

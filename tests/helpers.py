@@ -1,0 +1,69 @@
+"""Shared test helpers: build a cache with shuffled blocks and compute dense expectations."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trtllm_sawint4 import KVCacheSpec, build_layer_transform
+from trtllm_sawint4.quant import dequantize, quantize
+
+SPECS = {
+    "bf16": dict(kv_format="bf16"),
+    "int8": dict(kv_format="int8"),
+    "int4": dict(kv_format="int4"),
+    "saw_int4": dict(kv_format="saw_int4"),
+    "saw_int4_v_signs": dict(kv_format="saw_int4", rotation_block=16, rotate_v=True, sign_seed=1),
+    "saw_int4_fp32meta": dict(kv_format="saw_int4", metadata_dtype="fp32"),
+}
+
+
+def stored_kv(spec: KVCacheSpec, tf, k: torch.Tensor, v: torch.Tensor):
+    """What the cache should hold for k, v [L, H, D], dequantized (float32), via quant.py directly."""
+    k, v = k.float(), v.float()
+    if tf.k_matrix is not None:
+        k = torch.einsum("hij,lhj->lhi", tf.k_matrix, k)
+    if tf.k_bias is not None:
+        k = k + tf.k_bias
+    if tf.v_matrix is not None:
+        v = v @ tf.v_matrix.T
+    if not spec.quantized:
+        return k.bfloat16().float(), v.bfloat16().float()
+    return tuple(dequantize(*quantize(x, spec.levels, spec.metadata_dtype)) for x in (k, v))
+
+
+def dense_attention(spec, tf, q, k, v, scale):
+    """Causal (bottom-right aligned) attention of q [Q, Hq, D] over the stored form of k, v [L, H, D]."""
+    ks, vs = stored_kv(spec, tf, k, v)
+    h, group = k.shape[1], q.shape[1] // k.shape[1]
+    qf = q.float()
+    if tf.q_matrix is not None:
+        qf = torch.einsum("hij,qhgj->qhgi", tf.q_matrix, qf.reshape(q.shape[0], h, group, -1)).reshape(q.shape)
+    mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).tril(k.shape[0] - q.shape[0])
+    out = F.scaled_dot_product_attention(qf.transpose(0, 1)[None], ks.transpose(0, 1)[None],
+                                         vs.transpose(0, 1)[None], attn_mask=mask, scale=scale,
+                                         enable_gqa=True)[0].transpose(0, 1)
+    if tf.v_matrix is not None:
+        out = out @ tf.v_matrix  # v_matrix.T @ o, row-wise
+    return out
+
+
+def shuffled_table(lengths, tpb, num_blocks, gen):
+    """A block table giving each sequence distinct, randomly ordered, non-contiguous blocks."""
+    need = [-(-n // tpb) for n in lengths]
+    perm = torch.randperm(num_blocks, generator=gen)[: sum(need)]
+    table = torch.zeros(len(lengths), max(need + [1]), dtype=torch.int32)
+    at = 0
+    for b, n in enumerate(need):
+        table[b, :n] = perm[at:at + n]
+        at += n
+    return table
+
+
+def slots_for(table, lengths, tpb, starts=None):
+    """Slots of positions starts[b]..lengths[b]-1 of every sequence, in order."""
+    slots = []
+    for b, n in enumerate(lengths):
+        for p in range(0 if starts is None else starts[b], n):
+            slots.append(int(table[b, p // tpb]) * tpb + p % tpb)
+    return torch.tensor(slots, dtype=torch.int64)

@@ -114,3 +114,10 @@ def test_calibration_shape_and_values_are_checked():
         build_layer_transform(SPEC, torch.zeros(3, 64), None)
     with pytest.raises(ValueError, match="quantized"):
         build_layer_transform(KVCacheSpec(64, 2, kv_format="bf16"), torch.zeros(2, 64), None)
+
+
+def test_tensors_on_another_device_are_rejected():
+    with pytest.raises(ValueError, match="query.*must be on cpu"):
+        ops.decode(**_decode_args(query=torch.randn(2, 4, 64, device="meta")))
+    with pytest.raises(ValueError, match="slot_mapping.*must be on cpu"):
+        ops.append(**_append_args(slot_mapping=torch.tensor([0, 1, 17], device="meta")))

@@ -2,7 +2,8 @@
 
 Every device runs the argument checks first. They then run the implementation that
 `dispatch` picks: the Triton kernels on CUDA when `trtllm_sawint4.kernels` has registered
-them, else the PyTorch reference. The fake implementations make the ops traceable by torch.compile.
+them, else the PyTorch reference. The fake implementations (shape checks, then empty outputs) make the ops
+traceable by torch.compile.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def append(pool: Tensor, key: Tensor, value: Tensor, slot_mapping: Tensor, k_mat
 
 @append.register_fake
 def _(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage, meta_dtype):
-    return None
+    checks.check_append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage, meta_dtype)
 
 
 @torch.library.custom_op("sawint4::decode", mutates_args=())
@@ -40,6 +41,7 @@ def decode(query: Tensor, pool: Tensor, block_table: Tensor, seq_lens: Tensor, q
 
 @decode.register_fake
 def _(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, storage, meta_dtype):
+    checks.check_attention(query, pool, block_table, seq_lens, None, q_matrix, v_matrix, scale, storage, meta_dtype)
     return torch.empty_like(query)
 
 
@@ -57,4 +59,6 @@ def prefill(query: Tensor, pool: Tensor, block_table: Tensor, seq_lens: Tensor, 
 
 @prefill.register_fake
 def _(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, scale, storage, meta_dtype):
+    checks.check_attention(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, scale, storage,
+                           meta_dtype)
     return torch.empty_like(query)

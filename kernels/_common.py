@@ -17,6 +17,28 @@ import triton.language as tl
 STORAGE_CODE = {"bf16": 0, "int8": 1, "int4": 2}
 
 
+def _patch_interpreter() -> None:
+    """Triton 3.6's interpreter turns a scalar into a Python int with int(1-element array), which
+    numpy >= 2.3 refuses; loop bounds loaded from memory then fail. Read the element instead."""
+    try:
+        from triton.runtime import interpreter as _interp
+    except Exception:  # pragma: no cover
+        return
+    if getattr(_interp, "_sawint4_patched", False):
+        return
+    orig = _interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = patched
+    _interp._sawint4_patched = True
+
+
+_patch_interpreter()
+
+
 @triton.jit
 def _mm(x, b, PREC: tl.constexpr):
     """x [M, K] fp32 @ b [K, N] fp32 -> fp32.
@@ -77,3 +99,13 @@ def _round_f16(x, UP: tl.constexpr):
     # back to int16 bits: values >= 0x8000 wrap to negative int16
     u = tl.where(u >= 0x8000, u - 0x10000, u)
     return u.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _to_bf16_rne(x):
+    """fp32 -> bf16 rounding to nearest even by integer arithmetic (the interpreter's cast truncates)."""
+    u = x.to(tl.int32, bitcast=True)
+    r = u + 0x7FFF + ((u >> 16) & 1)
+    r = tl.where(x != x, u | 0x400000, r)  # nan stays a (quiet) nan
+    hi = r >> 16
+    return hi.to(tl.int16).to(tl.bfloat16, bitcast=True)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import STORAGE_CODE, _matmul_halves, _round_f16
+from ._common import STORAGE_CODE, _matmul_halves, _round_f16, _to_bf16_rne
 
 
 @triton.jit
@@ -33,8 +33,12 @@ def _append_one(pool_ptr, x_ptr, stride_n, stride_h, m_ptr, m_stride_h, b_ptr, r
     base = ((blk * 2 + KV) * H + h) * R  # int64 [BLOCK_N]
     if STORAGE == 0:  # bf16: plain copy
         p = (pool_ptr + base[:, None] + row[:, None] * (2 * D) + 2 * cols[None, :]).to(tl.pointer_type(tl.bfloat16))
-        tl.store(p, y_lo.to(tl.bfloat16), mask=rmask[:, None])
-        tl.store(p + HALF, y_hi.to(tl.bfloat16), mask=rmask[:, None])
+        if PREC == 0:  # interpreter
+            tl.store(p, _to_bf16_rne(y_lo), mask=rmask[:, None])
+            tl.store(p + HALF, _to_bf16_rne(y_hi), mask=rmask[:, None])
+        else:
+            tl.store(p, y_lo.to(tl.bfloat16), mask=rmask[:, None])
+            tl.store(p + HALF, y_hi.to(tl.bfloat16), mask=rmask[:, None])
     else:
         if STORAGE == 2:
             LEVELS: tl.constexpr = 15

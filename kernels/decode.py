@@ -1,0 +1,263 @@
+"""Paged decode attention over the quantized cache: split-KV kernel + reduce kernel.
+
+Grid (B, H, S): one program holds all G query heads of KV head h (padded to GP >= 16 rows for
+tl.dot) and walks tiles of BLOCK_N tokens of its split of the context. Each KV byte is read once.
+Dequantization is folded into the dot products (codes are exact in bf16/fp16):
+
+    q . k_t   = s_t * (q . c_t) + m_t * sum(q)
+    sum_t p_t v_t = (p * s) @ C + (p . m)
+
+so the codes feed the tensor cores directly. The split count S comes from host-side shapes only
+(batch, heads, max_blocks of the block table), never from seq_lens: no host sync, graph-capturable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import STORAGE_CODE, _matmul_halves
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_kv_tile(pool_ptr, base, row, tmask, H: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
+                  R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, DT: tl.constexpr):
+    """Codes (or bf16 values) of BLOCK_N tokens as halves [BLOCK_N, D/2] in DT, plus scale/min [BLOCK_N] fp32."""
+    HALF: tl.constexpr = D // 2
+    cols = tl.arange(0, HALF)
+    if STORAGE == 0:
+        p = (pool_ptr + base[:, None] + row[:, None] * (2 * D) + 2 * cols[None, :]).to(tl.pointer_type(tl.bfloat16))
+        lo = tl.load(p, mask=tmask[:, None], other=0.0).to(DT)
+        hi = tl.load(p + HALF, mask=tmask[:, None], other=0.0).to(DT)
+        s = tl.zeros(row.shape, tl.float32)
+        m = s
+    else:
+        if STORAGE == 2:
+            CB: tl.constexpr = D // 2
+            c = tl.load(pool_ptr + base[:, None] + row[:, None] * CB + cols[None, :], mask=tmask[:, None], other=0)
+            lo = (c & 15).to(DT)
+            hi = (c >> 4).to(DT)
+        else:
+            CB: tl.constexpr = D
+            cp = pool_ptr + base[:, None] + row[:, None] * CB + cols[None, :]
+            lo = tl.load(cp, mask=tmask[:, None], other=0).to(DT)
+            hi = tl.load(cp + HALF, mask=tmask[:, None], other=0).to(DT)
+        if META32:
+            sp = (pool_ptr + base + T * CB + row * 4).to(tl.pointer_type(tl.float32))
+        else:
+            sp = (pool_ptr + base + T * CB + row * 2).to(tl.pointer_type(tl.float16))
+        s = tl.load(sp, mask=tmask, other=0.0).to(tl.float32)
+        m = tl.load(sp + T, mask=tmask, other=0.0).to(tl.float32)
+    return lo, hi, s, m
+
+
+@triton.jit
+def _decode_kernel(q_ptr, pool_ptr, bt_ptr, sl_ptr, qm_ptr, vm_ptr, out_ptr, po_ptr, pl_ptr,
+                   stride_qb, stride_qh, stride_ob, stride_oh, stride_bt, qk_scale, tiles_per_split,
+                   H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
+                   R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
+                   HAS_VM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
+                   PREC: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    HALF: tl.constexpr = D // 2
+    cols = tl.arange(0, HALF)
+    g = tl.arange(0, GP)
+    gmask = g < G
+    seq_len = tl.load(sl_ptr + b)
+
+    qp = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g)[:, None] * stride_qh + cols[None, :]
+    q_lo = tl.load(qp, mask=gmask[:, None], other=0.0).to(tl.float32)
+    q_hi = tl.load(qp + HALF, mask=gmask[:, None], other=0.0).to(tl.float32)
+    if HAS_QM:
+        q_lo, q_hi = _matmul_halves(q_lo, q_hi, qm_ptr + h * D * D, True, D, PREC)
+    q_lo = (q_lo * qk_scale).to(DT)
+    q_hi = (q_hi * qk_scale).to(DT)
+    qsum = tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1)
+
+    n_tiles = tl.cdiv(seq_len, BLOCK_N)
+    t0 = sp * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc_lo = tl.zeros([GP, HALF], tl.float32)
+    acc_hi = tl.zeros([GP, HALF], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    for t in range(t0, t1):
+        tok = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        tmask = tok < seq_len
+        blk = tl.load(bt_row + tok // T, mask=tmask, other=0).to(tl.int64)
+        row = tok % T
+        kbase = (blk * 2 * H + h) * R
+        k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT)
+        v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT)
+        s = tl.dot(q_lo, tl.trans(k_lo))
+        s = tl.dot(q_hi, tl.trans(k_hi), s)
+        if STORAGE != 0:
+            s = s * ks[None, :] + qsum[:, None] * km[None, :]
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if STORAGE != 0:
+            pm = tl.sum(p * vmn[None, :], 1)
+            pd = (p * vs[None, :]).to(DT)
+            acc_lo = acc_lo * alpha[:, None] + pm[:, None]
+            acc_hi = acc_hi * alpha[:, None] + pm[:, None]
+        else:
+            pd = p.to(DT)
+            acc_lo = acc_lo * alpha[:, None]
+            acc_hi = acc_hi * alpha[:, None]
+        acc_lo = tl.dot(pd, v_lo, acc_lo)
+        acc_hi = tl.dot(pd, v_hi, acc_hi)
+        m_i = m_new
+
+    nz = l_i > 0
+    inv = tl.where(nz, 1.0 / tl.where(nz, l_i, 1.0), 0.0)
+    o_lo = acc_lo * inv[:, None]
+    o_hi = acc_hi * inv[:, None]
+    if NUM_SPLITS == 1:
+        if HAS_VM:
+            o_lo, o_hi = _matmul_halves(o_lo, o_hi, vm_ptr, False, D, PREC)
+        op = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g)[:, None] * stride_oh + cols[None, :]
+        tl.store(op, o_lo.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+        tl.store(op + HALF, o_hi.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+    else:
+        lse = tl.where(nz, m_i + tl.log2(tl.where(nz, l_i, 1.0)), float("-inf"))
+        idx = (b * H + h) * NUM_SPLITS + sp
+        tl.store(pl_ptr + idx.to(tl.int64) * GP + g, lse)
+        pp = po_ptr + (idx.to(tl.int64) * GP + g)[:, None] * D + cols[None, :]
+        tl.store(pp, o_lo)
+        tl.store(pp + HALF, o_hi)
+
+
+@triton.jit
+def _reduce_kernel(po_ptr, pl_ptr, vm_ptr, out_ptr, stride_ob, stride_oh,
+                   H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                   HAS_VM: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    HALF: tl.constexpr = D // 2
+    cols = tl.arange(0, HALF)
+    g = tl.arange(0, GP)
+    gmask = g < G
+    base = (b * H + h).to(tl.int64) * NUM_SPLITS
+    m = tl.full([GP], float("-inf"), tl.float32)
+    l = tl.zeros([GP], tl.float32)
+    acc_lo = tl.zeros([GP, HALF], tl.float32)
+    acc_hi = tl.zeros([GP, HALF], tl.float32)
+    for s in range(NUM_SPLITS):
+        lse = tl.load(pl_ptr + (base + s) * GP + g)
+        m_new = tl.maximum(m, lse)
+        ok = m_new > float("-inf")
+        m_safe = tl.where(ok, m_new, 0.0)
+        alpha = tl.where(ok, tl.exp2(m - m_safe), 0.0)
+        w = tl.where(ok, tl.exp2(lse - m_safe), 0.0)
+        pp = po_ptr + ((base + s) * GP + g)[:, None] * D + cols[None, :]
+        acc_lo = acc_lo * alpha[:, None] + w[:, None] * tl.load(pp)
+        acc_hi = acc_hi * alpha[:, None] + w[:, None] * tl.load(pp + HALF)
+        l = l * alpha + w
+        m = m_new
+    nz = l > 0
+    inv = tl.where(nz, 1.0 / tl.where(nz, l, 1.0), 0.0)
+    o_lo = acc_lo * inv[:, None]
+    o_hi = acc_hi * inv[:, None]
+    if HAS_VM:
+        o_lo, o_hi = _matmul_halves(o_lo, o_hi, vm_ptr, False, D, PREC)
+    op = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g)[:, None] * stride_oh + cols[None, :]
+    tl.store(op, o_lo.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+    tl.store(op + HALF, o_hi.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+
+
+def _dot_dtype(query, storage, interp):
+    if interp:
+        return tl.float32
+    if storage == "bf16" or query.dtype != torch.float16:
+        return tl.bfloat16
+    return tl.float16
+
+
+_NUM_SMS: dict = {}
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NUM_SMS:
+        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NUM_SMS[idx]
+
+
+#: Tunables (the bench/test scripts may override them).
+CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "waves": 2, "min_tiles_per_split": 2}
+
+
+def plan_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int, num_sms: int,
+                waves: int, min_tiles: int) -> tuple[int, int]:
+    """(num_splits, tiles_per_split) from host-side shapes only."""
+    max_tiles = max(1, triton.cdiv(max_tokens, block_n))
+    want = max(1, triton.cdiv(waves * num_sms, max(1, batch * kv_heads)))
+    splits = max(1, min(want, triton.cdiv(max_tiles, min_tiles)))
+    tiles_per_split = triton.cdiv(max_tiles, splits)
+    splits = triton.cdiv(max_tiles, tiles_per_split)
+    return splits, tiles_per_split
+
+
+def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float, storage: str, meta_dtype: str,
+           num_splits: int | None = None):
+    """Same signature and result as trtllm_sawint4.ops.reference.decode."""
+    from ..layout import tokens_per_block_of
+
+    bsz, hq, d = query.shape
+    h = pool.shape[2]
+    g = hq // h
+    t = tokens_per_block_of(pool, d, storage, meta_dtype)
+    out = torch.empty_like(query)
+    if bsz == 0:
+        return out
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    interp = pool.device.type == "cpu"
+    cfg = CONFIG
+    block_n = 16 if interp else cfg["block_n"]
+    gp = max(16, triton.next_power_of_2(g))
+    max_tokens = block_table.shape[1] * t
+    if num_splits is None:
+        splits, tps = plan_splits(bsz, h, max_tokens, block_n, _num_sms(pool.device), cfg["waves"],
+                                  cfg["min_tiles_per_split"])
+    else:
+        max_tiles = max(1, triton.cdiv(max_tokens, block_n))
+        tps = triton.cdiv(max_tiles, max(1, num_splits))
+        splits = triton.cdiv(max_tiles, tps)
+    if splits > 1:
+        po = torch.empty((bsz, h, splits, gp, d), dtype=torch.float32, device=query.device)
+        pl = torch.empty((bsz, h, splits, gp), dtype=torch.float32, device=query.device)
+    else:
+        po = pl = out
+    dt = _dot_dtype(query, storage, interp)
+    prec = 0 if interp else 1
+    dummy = seq_lens
+    qm = q_matrix.contiguous() if q_matrix is not None else dummy
+    vm = v_matrix.contiguous() if v_matrix is not None else dummy
+    _decode_kernel[(bsz, h, splits)](
+        query, pool, block_table, seq_lens, qm, vm, out, po, pl,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
+        float(scale) * LOG2E, tps,
+        H=h, G=g, GP=gp, D=d, T=t, R=pool.shape[-1], STORAGE=STORAGE_CODE[storage], META32=meta_dtype == "fp32",
+        HAS_QM=q_matrix is not None, HAS_VM=v_matrix is not None, NUM_SPLITS=splits, BLOCK_N=block_n,
+        DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if splits > 1:
+        _reduce_kernel[(bsz, h)](
+            po, pl, vm, out, out.stride(0), out.stride(1),
+            H=h, G=g, GP=gp, D=d, HAS_VM=v_matrix is not None, NUM_SPLITS=splits, PREC=prec, num_warps=4,
+        )
+    return out

@@ -1,0 +1,170 @@
+"""Paged prefill / chunked-prefill attention over the quantized cache (flash-attention style).
+
+Grid (tile slots, Hq): tile slot i is mapped on the device to (sequence, query tile) by a prefix sum
+of cdiv(q_len_b, BLOCK_M) over query_start_loc, so the host never reads the batch metadata; the
+grid has cdiv(Nq, BLOCK_M) + B slots (an upper bound), and surplus programs do nothing.
+Query j of sequence b sits at position seq_lens[b] - q_len + j (causal, bottom-right aligned).
+The cached prefix is dequantized inside the loop, folded into the two dot products like decode:
+scores = s_t * (q . c_t) + m_t * sum(q);  P V = (P * s) @ C + P @ m.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import STORAGE_CODE, _matmul_halves
+from .decode import LOG2E, _dot_dtype, _load_kv_tile
+
+
+@triton.jit
+def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, bt_row, h, n0, pos, seq_len,
+                  MASK: tl.constexpr, H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
+                  STORAGE: tl.constexpr, META32: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr):
+    tok = n0 + tl.arange(0, BLOCK_N)
+    tmask = tok < seq_len
+    blk = tl.load(bt_row + tok // T, mask=tmask, other=0).to(tl.int64)
+    row = tok % T
+    kbase = (blk * 2 * H + h) * R
+    k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT)
+    v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT)
+    s = tl.dot(q_lo, tl.trans(k_lo))
+    s = tl.dot(q_hi, tl.trans(k_hi), s)
+    if STORAGE != 0:
+        s = s * ks[None, :] + qsum[:, None] * km[None, :]
+    if MASK:
+        s = tl.where((tok[None, :] <= pos[:, None]) & tmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if STORAGE != 0:
+        pm = tl.sum(p * vmn[None, :], 1)
+        pd = (p * vs[None, :]).to(DT)
+        acc_lo = acc_lo * alpha[:, None] + pm[:, None]
+        acc_hi = acc_hi * alpha[:, None] + pm[:, None]
+    else:
+        pd = p.to(DT)
+        acc_lo = acc_lo * alpha[:, None]
+        acc_hi = acc_hi * alpha[:, None]
+    acc_lo = tl.dot(pd, v_lo, acc_lo)
+    acc_hi = tl.dot(pd, v_hi, acc_hi)
+    return m_new, l_i, acc_lo, acc_hi
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, pool_ptr, bt_ptr, sl_ptr, qsl_ptr, qm_ptr, vm_ptr, out_ptr,
+                    stride_qn, stride_qh, stride_on, stride_oh, stride_bt, qk_scale, B,
+                    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
+                    STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr, HAS_VM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, DT: tl.constexpr,
+                    PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    hq = tl.program_id(1)
+    h = hq // G
+    HALF: tl.constexpr = D // 2
+    cols = tl.arange(0, HALF)
+
+    # (sequence, query tile) of this program, from query_start_loc on the device
+    bi = tl.arange(0, B_PAD)
+    bmask = bi < B
+    st = tl.load(qsl_ptr + bi, mask=bmask, other=0)
+    en = tl.load(qsl_ptr + bi + 1, mask=bmask, other=0)
+    nt = tl.where(bmask, tl.cdiv(en - st, BLOCK_M), 0)
+    cum = tl.cumsum(nt, 0)
+    seq = tl.sum((cum <= pid).to(tl.int32), 0)
+    valid = seq < B
+    sel = bi == seq
+    tile = pid - tl.sum(tl.where(sel, cum - nt, 0), 0)
+    q_start = tl.sum(tl.where(sel, st, 0), 0)
+    q_len = tl.sum(tl.where(sel, en - st, 0), 0)
+    seq_len = tl.load(sl_ptr + seq, mask=valid, other=0)
+
+    i = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = (i < q_len) & valid
+    pos = seq_len - q_len + i
+    qrow = (q_start + i).to(tl.int64)
+    qp = q_ptr + qrow[:, None] * stride_qn + hq * stride_qh + cols[None, :]
+    q_lo = tl.load(qp, mask=rmask[:, None], other=0.0).to(tl.float32)
+    q_hi = tl.load(qp + HALF, mask=rmask[:, None], other=0.0).to(tl.float32)
+    if HAS_QM:
+        q_lo, q_hi = _matmul_halves(q_lo, q_hi, qm_ptr + h * D * D, True, D, PREC)
+    q_lo = (q_lo * qk_scale).to(DT)
+    q_hi = (q_hi * qk_scale).to(DT)
+    qsum = tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_lo = tl.zeros([BLOCK_M, HALF], tl.float32)
+    acc_hi = tl.zeros([BLOCK_M, HALF], tl.float32)
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+
+    # keys visible to every row of the tile: [0, first position]; then the causal diagonal part
+    last_row = tl.minimum(tile * BLOCK_M + BLOCK_M, q_len) - 1
+    pos_first = seq_len - q_len + tile * BLOCK_M
+    kv_end = tl.where(valid & (last_row >= tile * BLOCK_M), seq_len - q_len + last_row + 1, 0)
+    n_full = tl.where(valid, (pos_first + 1) // BLOCK_N, 0)
+    n_full = tl.minimum(n_full, tl.cdiv(kv_end, BLOCK_N))
+    for n in range(0, n_full):
+        m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, bt_row,
+                                                 h, n * BLOCK_N, pos, seq_len, False, H, D, T, R, STORAGE,
+                                                 META32, BLOCK_N, DT)
+    for n in range(n_full, tl.cdiv(kv_end, BLOCK_N)):
+        m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, bt_row,
+                                                 h, n * BLOCK_N, pos, seq_len, True, H, D, T, R, STORAGE,
+                                                 META32, BLOCK_N, DT)
+
+    nz = l_i > 0
+    inv = tl.where(nz, 1.0 / tl.where(nz, l_i, 1.0), 0.0)
+    o_lo = acc_lo * inv[:, None]
+    o_hi = acc_hi * inv[:, None]
+    if HAS_VM:
+        o_lo, o_hi = _matmul_halves(o_lo, o_hi, vm_ptr, False, D, PREC)
+    op = out_ptr + qrow[:, None] * stride_on + hq * stride_oh + cols[None, :]
+    tl.store(op, o_lo.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+    tl.store(op + HALF, o_hi.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+#: Tunables per head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)
+CONFIG = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2), 32: (128, 64, 4, 3)}
+
+
+def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, scale: float, storage: str,
+            meta_dtype: str):
+    """Same signature and result as trtllm_sawint4.ops.reference.prefill."""
+    from ..layout import tokens_per_block_of
+
+    nq, hq, d = query.shape
+    h = pool.shape[2]
+    g = hq // h
+    bsz = block_table.shape[0]
+    t = tokens_per_block_of(pool, d, storage, meta_dtype)
+    # rows no sequence claims stay zero, like the reference
+    out = torch.zeros_like(query)
+    if nq == 0 or bsz == 0:
+        return out
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    interp = pool.device.type == "cpu"
+    block_m, block_n, warps, stages = CONFIG[d]
+    if interp:
+        block_m, block_n, warps, stages = 16, 16, 4, 1
+    dt = _dot_dtype(query, storage, interp)
+    dummy = seq_lens
+    grid = (triton.cdiv(nq, block_m) + bsz, hq)
+    _prefill_kernel[grid](
+        query, pool, block_table, seq_lens, query_start_loc,
+        q_matrix.contiguous() if q_matrix is not None else dummy,
+        v_matrix.contiguous() if v_matrix is not None else dummy, out,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
+        float(scale) * LOG2E, bsz,
+        H=h, G=g, D=d, T=t, R=pool.shape[-1], STORAGE=STORAGE_CODE[storage], META32=meta_dtype == "fp32",
+        HAS_QM=q_matrix is not None, HAS_VM=v_matrix is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        B_PAD=max(2, triton.next_power_of_2(bsz)), DT=dt, PREC=0 if interp else 1,
+        num_warps=warps, num_stages=stages,
+    )
+    return out

@@ -1,0 +1,251 @@
+"""The Triton kernels under TRITON_INTERPRET=1 (CPU) against the reference ops, at small shapes."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+# triton reads TRITON_INTERPRET when a kernel is decorated: set it before the kernels are imported.
+_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+
+from trtllm_sawint4.ops import reference as ref  # noqa: E402
+from trtllm_sawint4.quant import unpack_int4  # noqa: E402
+from trtllm_sawint4.spec import KVCacheSpec  # noqa: E402
+from trtllm_sawint4.layout import pool_views  # noqa: E402
+from trtllm_sawint4.transforms import build_layer_transform  # noqa: E402
+
+
+def _interpreted() -> bool:
+    mod = sys.modules.get("trtllm_sawint4.kernels.append")
+    return mod is not None and type(mod._append_kernel).__name__ == "InterpretedFunction"
+
+
+@pytest.fixture(scope="module")
+def K():
+    """The kernel modules, (re)imported with the interpreter on (triton reads it when decorating)."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    names = ("_common", "append", "decode", "prefill")
+    stale = any(f"trtllm_sawint4.kernels.{n}" in sys.modules for n in names) and not _interpreted()
+    mods = {}
+    for name in names:
+        full = f"trtllm_sawint4.kernels.{name}"
+        mods[name] = importlib.reload(sys.modules[full]) if stale else importlib.import_module(full)
+    yield mods
+    old = _OLD_INTERPRET
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
+FORMAT = {"int4": "int4", "saw_int4": "int4", "int8": "int8", "bf16": "bf16"}
+
+
+def _spec(fmt, d, h, t, meta="fp16", rotate_v=False):
+    return KVCacheSpec(d, h, t, kv_format=fmt, metadata_dtype=meta, rotate_v=rotate_v if fmt == "saw_int4" else False)
+
+
+def _transform(spec, calibrated=False, seed=0):
+    if not calibrated:
+        return build_layer_transform(spec)
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(spec.num_kv_heads, spec.head_dim, generator=g)
+    scale = torch.rand(spec.num_kv_heads, spec.head_dim, generator=g) + 0.5
+    return build_layer_transform(spec, mean, scale)
+
+
+def _filled_pool(spec, tf, nb, seed=0):
+    """A pool whose every slot holds an appended random token (reference writer)."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.zeros(spec.pool_shape(nb), dtype=torch.uint8)
+    n = nb * spec.tokens_per_block
+    k = torch.randn(n, spec.num_kv_heads, spec.head_dim, generator=g) * 2 + 0.5
+    v = torch.randn(n, spec.num_kv_heads, spec.head_dim, generator=g)
+    ref.append(pool, k, v, torch.arange(n), tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage, spec.metadata_dtype)
+    return pool
+
+
+def _block_table(lens, t, nb, seed=0):
+    """Shuffled, non-contiguous block ids; max_blocks a bit larger than needed (unused entries garbage)."""
+    g = torch.Generator().manual_seed(seed)
+    mb = max(1, max(-(-l // t) for l in lens)) + 1
+    perm = torch.randperm(nb, generator=g)
+    assert sum(-(-l // t) for l in lens) <= nb
+    table = torch.full((len(lens), mb), 10**6, dtype=torch.int32)  # out-of-range ids must never be read
+    used = 0
+    for b, l in enumerate(lens):
+        k = -(-l // t)
+        table[b, :k] = perm[used:used + k].int()
+        used += k
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- append
+@pytest.mark.parametrize("fmt,meta,d,t,dtype", [
+    ("int4", "fp16", 64, 16, torch.bfloat16),
+    ("int4", "fp32", 128, 8, torch.float16),
+    ("int8", "fp16", 64, 32, torch.float32),
+    ("int8", "fp32", 32, 16, torch.bfloat16),
+    ("bf16", "fp16", 64, 16, torch.float16),
+    ("bf16", "fp16", 256, 8, torch.bfloat16),
+])
+def test_append_no_transform_bit_identical(K, fmt, meta, d, t, dtype):
+    torch.manual_seed(1)
+    spec = _spec(fmt, d, 2, t, meta)
+    nb, n = 6, 37
+    key = (torch.randn(n, 2, d) * 3).to(dtype)
+    val = torch.randn(n, 2, d).to(dtype)
+    key[0, 0] = 7.0  # constant vector: scale 0
+    key[1, 1, 3] = 1e6  # saturates
+    slots = torch.randperm(nb * t)[:n]
+    p_ref = torch.randint(0, 256, spec.pool_shape(nb), dtype=torch.uint8)
+    p_ker = p_ref.clone()
+    ref.append(p_ref, key, val, slots, None, None, None, spec.storage, meta)
+    K["append"].append(p_ker, key, val, slots, None, None, None, spec.storage, meta)
+    assert torch.equal(p_ref, p_ker)
+
+
+def test_append_nonfinite(K):
+    spec = _spec("int4", 64, 2, 16)
+    key = torch.randn(5, 2, 64)
+    val = torch.randn(5, 2, 64)
+    key[1, 0, 3] = float("nan")
+    key[2, 1, 0] = float("inf")
+    val[4, 1, 9] = float("-inf")
+    slots = torch.tensor([3, 0, 17, 30, 9])
+    for storage in ("int4", "int8"):
+        sp = _spec(storage, 64, 2, 16)
+        p_ref = torch.zeros(sp.pool_shape(2), dtype=torch.uint8)
+        p_ker = p_ref.clone()
+        ref.append(p_ref, key, val, slots, None, None, None, storage, "fp16")
+        K["append"].append(p_ker, key, val, slots, None, None, None, storage, "fp16")
+        assert torch.equal(p_ref, p_ker)
+    # bf16 storage: equal as values (NaN payloads may differ)
+    p_ref = torch.zeros(_spec("bf16", 64, 2, 16).pool_shape(2), dtype=torch.uint8)
+    p_ker = p_ref.clone()
+    ref.append(p_ref, key, val, slots, None, None, None, "bf16", "fp16")
+    K["append"].append(p_ker, key, val, slots, None, None, None, "bf16", "fp16")
+    torch.testing.assert_close(p_ref.view(torch.bfloat16), p_ker.view(torch.bfloat16), rtol=0, atol=0, equal_nan=True)
+    del spec
+
+
+@pytest.mark.parametrize("d,t,calibrated,rotate_v,meta", [
+    (64, 16, False, True, "fp16"),
+    (128, 32, True, False, "fp16"),
+    (64, 8, True, True, "fp32"),
+])
+def test_append_transform(K, d, t, calibrated, rotate_v, meta):
+    torch.manual_seed(2)
+    h, nb, n = 2, 5, 33
+    spec = _spec("saw_int4", d, h, t, meta, rotate_v)
+    tf = _transform(spec, calibrated)
+    key = (torch.randn(n, h, d) * 2).bfloat16()
+    val = torch.randn(n, h, d).bfloat16()
+    slots = torch.randperm(nb * t)[:n]
+    p_ref = torch.zeros(spec.pool_shape(nb), dtype=torch.uint8)
+    p_ker = p_ref.clone()
+    ref.append(p_ref, key, val, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, "int4", meta)
+    K["append"].append(p_ker, key, val, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, "int4", meta)
+    vr, vk = pool_views(p_ref, d, "int4", meta), pool_views(p_ker, d, "int4", meta)
+    cr, ck = unpack_int4(vr.codes).int(), unpack_int4(vk.codes).int()
+    assert (cr - ck).abs().max() <= 1
+    assert (cr != ck).float().mean() < 0.01
+    torch.testing.assert_close(vr.scale.float(), vk.scale.float(), rtol=2e-3, atol=0)
+    torch.testing.assert_close(vr.vmin.float(), vk.vmin.float(), rtol=2e-3, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- decode
+DECODE_CASES = [
+    # fmt, meta, d, h, group, t, lens, dtype, splits
+    ("saw_int4", "fp16", 64, 2, 3, 16, [0, 37, 70], torch.bfloat16, None),
+    ("saw_int4", "fp16", 32, 1, 8, 8, [5, 50], torch.float16, 3),   # MQA, many tiny blocks
+    ("int4", "fp32", 128, 2, 1, 32, [64, 1, 90], torch.bfloat16, 2),  # MHA
+    ("int8", "fp16", 64, 2, 2, 16, [33, 17], torch.float16, 1),
+    ("bf16", "fp16", 64, 2, 4, 16, [48, 0, 3], torch.bfloat16, None),
+]
+
+
+@pytest.mark.parametrize("fmt,meta,d,h,group,t,lens,dtype,splits", DECODE_CASES)
+def test_decode(K, fmt, meta, d, h, group, t, lens, dtype, splits):
+    torch.manual_seed(3)
+    spec = _spec(fmt, d, h, t, meta, rotate_v=True)
+    tf = _transform(spec, calibrated=fmt != "bf16" and d == 64)
+    nb = sum(-(-l // t) for l in lens) + 2
+    pool = _filled_pool(spec, tf, nb)
+    table = _block_table(lens, t, nb)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(len(lens), h * group, d).to(dtype)
+    scale = d ** -0.5
+    want = ref.decode(q, pool, table, seq_lens, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta)
+    got = K["decode"].decode(q, pool, table, seq_lens, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta,
+                             num_splits=splits)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    for b, l in enumerate(lens):
+        if l == 0:
+            assert torch.count_nonzero(got[b]) == 0
+
+
+def test_plan_splits_host_only(K):
+    plan = K["decode"].plan_splits
+    s, tps = plan(64, 8, 8192, 64, 132, 2, 2)
+    assert s * tps >= 8192 // 64 and (s - 1) * tps < 8192 // 64
+    assert plan(1, 8, 64, 64, 132, 2, 2) == (1, 1)
+    s, tps = plan(1, 8, 32768, 64, 132, 2, 2)
+    assert s > 1
+
+
+# ---------------------------------------------------------------------------------------------- prefill
+PREFILL_CASES = [
+    # fmt, meta, d, h, group, t, lens, q_lens, dtype
+    ("saw_int4", "fp16", 64, 2, 2, 16, [40, 21, 9], [40, 5, 0], torch.bfloat16),  # prefill + extend + idle
+    ("int4", "fp32", 32, 1, 4, 8, [30, 50], [30, 20], torch.float16),
+    ("int8", "fp16", 64, 1, 1, 32, [45], [17], torch.bfloat16),
+    ("bf16", "fp16", 64, 2, 2, 16, [20, 33], [20, 1], torch.float16),
+]
+
+
+@pytest.mark.parametrize("fmt,meta,d,h,group,t,lens,q_lens,dtype", PREFILL_CASES)
+def test_prefill(K, fmt, meta, d, h, group, t, lens, q_lens, dtype):
+    torch.manual_seed(4)
+    spec = _spec(fmt, d, h, t, meta, rotate_v=True)
+    tf = _transform(spec, calibrated=fmt == "saw_int4")
+    nb = sum(-(-l // t) for l in lens) + 1
+    pool = _filled_pool(spec, tf, nb)
+    table = _block_table(lens, t, nb)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    q = torch.randn(int(qsl[-1]), h * group, d).to(dtype)
+    scale = d ** -0.5
+    want = ref.prefill(q, pool, table, seq_lens, qsl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta)
+    got = K["prefill"].prefill(q, pool, table, seq_lens, qsl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_append_then_attend_roundtrip(K):
+    """Kernel append feeding kernel decode equals the reference end to end."""
+    torch.manual_seed(5)
+    spec = _spec("saw_int4", 64, 2, 16, rotate_v=True)
+    tf = _transform(spec)
+    lens = [23, 40]
+    nb = 6
+    table = _block_table(lens, 16, nb, seed=7)
+    slots = torch.cat([table[b, torch.arange(l) // 16].long() * 16 + torch.arange(l) % 16 for b, l in enumerate(lens)])
+    n = slots.numel()
+    key, val = torch.randn(n, 2, 64).bfloat16(), torch.randn(n, 2, 64).bfloat16()
+    p_ref = torch.zeros(spec.pool_shape(nb), dtype=torch.uint8)
+    p_ker = p_ref.clone()
+    ref.append(p_ref, key, val, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, "int4", "fp16")
+    K["append"].append(p_ker, key, val, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, "int4", "fp16")
+    q = torch.randn(2, 4, 64).bfloat16()
+    sl = torch.tensor(lens, dtype=torch.int32)
+    want = ref.decode(q, p_ref, table, sl, tf.q_matrix, tf.v_matrix, 0.125, "int4", "fp16")
+    got = K["decode"].decode(q, p_ker, table, sl, tf.q_matrix, tf.v_matrix, 0.125, "int4", "fp16")
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -1,0 +1,408 @@
+"""The saw_int4 plugin contract and the TensorRT plugin definitions, without TensorRT.
+
+TensorRT cannot be installed here, so the `tensorrt.plugin` definitions run against a small fake
+of the API that enforces the signature rules the real one documents (TensorDescs first, annotated
+attributes of serializable types, impl = tensors + attributes + outputs + stream, autotune =
+tensors + outputs, aot_impl = tensors + attributes + outputs + tactic). The JIT implementations
+then run for real on CPU tensors and are compared with the torch ops.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import types
+import typing
+
+import pytest
+import torch
+
+from trtllm_sawint4 import KVCacheSpec, build_layer_transform
+from trtllm_sawint4.ops import reference
+from trtllm_sawint4.plugins import aot, contract
+from trtllm_sawint4.plugins import trt as trt_defs
+
+
+# ---- contract ------------------------------------------------------------------------------------
+def fmt(**kw):
+    a = dict(num_kv_heads=2, head_dim=32, tokens_per_block=16, storage="int4", meta_dtype="fp16")
+    a.update(kw)
+    return a
+
+
+def append_attrs(**kw):
+    a = dict(fmt(), has_k_matrix=1, has_k_bias=0, has_v_matrix=0)
+    a.update(kw)
+    return a
+
+
+def attn_attrs(**kw):
+    a = dict(fmt(), num_heads=4, scale=32 ** -0.5, has_q_matrix=1, has_v_matrix=0)
+    a.update(kw)
+    return a
+
+
+def test_ops_map_one_to_one_onto_torch_ops():
+    assert sorted(contract.OPS) == ["append", "decode", "prefill"]
+    for name, op in contract.OPS.items():
+        assert hasattr(torch.ops.sawint4, name)
+        assert op.qualified_name == f"saw_int4::{name}"
+    assert contract.APPEND.aliases == {0: 3} and contract.APPEND.input_names[3] == "pool"
+    assert contract.APPEND.input_names[:4] == ["key", "value", "slot_mapping", "pool"]
+    assert contract.PREFILL.input_names == ["query", "pool", "block_table", "seq_lens", "query_start_loc",
+                                            "q_matrix", "v_matrix"]
+    assert contract.DECODE.input_names == ["query", "pool", "block_table", "seq_lens", "q_matrix", "v_matrix"]
+    for op in contract.OPS.values():  # TensorRT: only int/float/str attributes, none named like a reserved arg
+        assert all(a.type in (int, float, str) for a in op.attrs)
+        assert not {"outputs", "stream", "tactic"} & set(op.attr_names)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(storage="int3"), "storage"),
+    (dict(meta_dtype="bf16"), "meta_dtype"),
+    (dict(head_dim=48), "head_dim"),
+    (dict(tokens_per_block=12), "tokens_per_block"),
+    (dict(num_heads=5), "num_heads"),
+    (dict(scale=0.0), "scale"),
+    (dict(scale=float("inf")), "scale"),
+    (dict(has_q_matrix=2), "has_q_matrix"),
+    (dict(storage="bf16"), "has_q_matrix.*bf16"),
+    (dict(num_heads="4"), "num_heads.*int"),
+])
+def test_attribute_validation(change, match):
+    with pytest.raises(contract.ContractError, match=match):
+        contract.validate_attrs("prefill", attn_attrs(**change))
+
+
+def test_attribute_presence_and_normalisation():
+    with pytest.raises(contract.ContractError, match="missing"):
+        contract.validate_attrs("append", fmt())
+    with pytest.raises(contract.ContractError, match="unknown attribute"):
+        contract.validate_attrs("append", append_attrs(scale=1.0))
+    a = contract.validate_attrs("prefill", attn_attrs(storage=b"int4", scale=1))
+    assert a["storage"] == "int4" and isinstance(a["scale"], float)
+    assert list(a) == contract.PREFILL.attr_names
+    with pytest.raises(contract.ContractError, match="unknown saw_int4 op"):
+        contract.op_def("attention")
+
+
+def test_region_bytes_match_the_spec():
+    for kv_format, meta in (("bf16", "fp16"), ("int8", "fp32"), ("int4", "fp16"), ("saw_int4", "fp16")):
+        spec = KVCacheSpec(head_dim=64, num_kv_heads=3, tokens_per_block=32, kv_format=kv_format, metadata_dtype=meta)
+        a = fmt(head_dim=64, num_kv_heads=3, tokens_per_block=32, storage=spec.storage, meta_dtype=meta)
+        assert contract.region_bytes(a) == spec.region_bytes
+
+
+def test_dtype_rules():
+    f32, i32, u8 = "float32", "int32", "uint8"
+    assert contract.output_dtypes("append", ["float16", "float16", i32, u8, f32, f32, f32]) == [u8]
+    assert contract.output_dtypes("prefill", ["bfloat16", u8, i32, i32, i32, f32, f32]) == ["bfloat16"]
+    assert contract.output_dtypes("decode", [f32, u8, i32, i32, f32, f32]) == [f32]
+    with pytest.raises(contract.ContractError, match="value must have the dtype"):
+        contract.output_dtypes("append", ["float16", "float32", i32, u8, f32, f32, f32])
+    with pytest.raises(contract.ContractError, match="slot_mapping must be int32"):
+        contract.output_dtypes("append", [f32, f32, "int64", u8, f32, f32, f32])
+    with pytest.raises(contract.ContractError, match="pool must be uint8"):
+        contract.output_dtypes("decode", [f32, "int8", i32, i32, f32, f32])
+    with pytest.raises(contract.ContractError, match="query must be one of"):
+        contract.output_dtypes("decode", ["int32", u8, i32, i32, f32, f32])
+    with pytest.raises(contract.ContractError, match="takes 6 inputs"):
+        contract.output_dtypes("decode", [f32])
+
+
+def test_type_combination_strings():
+    assert contract.type_combination("append") == \
+        "FP32|FP16|BF16, FP32|FP16|BF16, INT32, UINT8, FP32, FP32, FP32, UINT8"
+    assert contract.type_combination("decode") == "FP32|FP16|BF16, UINT8, INT32, INT32, FP32, FP32, FP32|FP16|BF16"
+
+
+def _append_shapes(n=5, nb=7, h=2, d=32, r=320):
+    return [(n, h, d), (n, h, d), (n,), (nb, 2, h, r), (h, d, d), (h, d), (d, d)]
+
+
+def test_shape_rules():
+    a = append_attrs()
+    assert contract.output_shapes("append", a, _append_shapes()) == [(7, 2, 2, 320)]
+    assert contract.output_shapes("append", a, [[None, 2, 32]] * 2 + [[None], [None, 2, 2, 320],
+                                                                        (2, 32, 32), (2, 32), (32, 32)])
+    with pytest.raises(contract.ContractError, match=r"pool dim 3 \(R\) must be 320"):
+        contract.check_shapes("append", a, _append_shapes(r=256))
+    with pytest.raises(contract.ContractError, match=r"key dim 1 \(H\) must be 2"):
+        contract.check_shapes("append", a, _append_shapes(h=3))
+    bad = _append_shapes()
+    bad[2] = (4,)
+    with pytest.raises(contract.ContractError, match=r"slot_mapping dim 0 \(N\) disagrees with key"):
+        contract.check_shapes("append", a, bad)
+    with pytest.raises(contract.ContractError, match="rank 3"):
+        contract.check_shapes("append", a, [(5, 64)] + _append_shapes()[1:])
+    p = attn_attrs()
+    ok = [(9, 4, 32), (7, 2, 2, 320), (3, 4), (3,), (4,), (2, 32, 32), (32, 32)]
+    assert contract.output_shapes("prefill", p, ok) == [(9, 4, 32)]
+    with pytest.raises(contract.ContractError, match=r"query_start_loc dim 0 \(B1\) disagrees"):
+        contract.check_shapes("prefill", p, ok[:4] + [(3,)] + ok[5:])
+    with pytest.raises(contract.ContractError, match=r"query dim 1 \(HQ\) must be 4"):
+        contract.check_shapes("prefill", p, [(9, 2, 32)] + ok[1:])
+    d = [(3, 4, 32), (7, 2, 2, 320), (3, 4), (3,), (2, 32, 32), (32, 32)]
+    assert contract.output_shapes("decode", p, d) == [(3, 4, 32)]
+    with pytest.raises(contract.ContractError, match=r"block_table dim 0 \(B\) disagrees"):
+        contract.check_shapes("decode", p, [(2, 4, 32)] + d[1:])
+
+
+def test_onnx_node_attrs():
+    a = contract.onnx_node_attrs("append", append_attrs(), aot=True)
+    assert a["plugin_namespace"] == "saw_int4" and a["plugin_version"] == "1" and a["aot"] == 1
+    assert a["storage"] == "int4"
+
+
+# ---- the torch op each plugin runs -----------------------------------------------------------------
+def _case(kv_format="saw_int4", n=6, hq=4):
+    spec = KVCacheSpec(head_dim=32, num_kv_heads=2, tokens_per_block=16, kv_format=kv_format,
+                       rotate_v=kv_format == "saw_int4")
+    tf = build_layer_transform(spec)
+    pool = torch.zeros(spec.pool_shape(4), dtype=torch.uint8)
+    key, value = torch.randn(n, 2, 32), torch.randn(n, 2, 32)
+    slots = torch.arange(16, 16 + n, dtype=torch.int32)  # block 1
+    eye = torch.eye(32)
+    ins = [key, value, slots, pool,
+           tf.k_matrix if tf.k_matrix is not None else eye.expand(2, 32, 32).contiguous(),
+           torch.zeros(2, 32), tf.v_matrix if tf.v_matrix is not None else eye]
+    attrs = dict(num_kv_heads=2, head_dim=32, tokens_per_block=16, storage=spec.storage, meta_dtype="fp16",
+                 has_k_matrix=int(tf.k_matrix is not None), has_k_bias=0, has_v_matrix=int(tf.v_matrix is not None))
+    return spec, tf, ins, attrs
+
+
+@pytest.mark.parametrize("kv_format", ["bf16", "int4", "saw_int4"])
+def test_torch_call_matches_reference(kv_format):
+    spec, tf, ins, attrs = _case(kv_format)
+    expected = ins[3].clone()
+    reference.append(expected, ins[0], ins[1], ins[2], tf.k_matrix, None, tf.v_matrix, spec.storage, "fp16")
+    out = contract.torch_call("append", ins, attrs)
+    assert out is ins[3] and torch.equal(out, expected)  # in place
+
+    q = torch.randn(6, 4, 32)
+    table, lens, qsl = torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([22], dtype=torch.int32), \
+        torch.tensor([0, 6], dtype=torch.int32)
+    eye = torch.eye(32)
+    qm = tf.q_matrix if tf.q_matrix is not None else eye.expand(2, 32, 32)
+    vm = tf.v_matrix if tf.v_matrix is not None else eye
+    pattrs = dict(num_heads=4, num_kv_heads=2, head_dim=32, tokens_per_block=16, storage=spec.storage,
+                  meta_dtype="fp16", scale=32 ** -0.5, has_q_matrix=int(tf.q_matrix is not None),
+                  has_v_matrix=int(tf.v_matrix is not None))
+    got = contract.torch_call("prefill", [q, out, table, lens, qsl, qm, vm], pattrs)
+    want = reference.prefill(q, out, table, lens, qsl, tf.q_matrix, tf.v_matrix, 32 ** -0.5, spec.storage, "fp16")
+    torch.testing.assert_close(got, want)
+    got = contract.torch_call("decode", [q[:1], out, table, lens, qm, vm], pattrs)
+    want = reference.decode(q[:1], out, table, lens, tf.q_matrix, tf.v_matrix, 32 ** -0.5, spec.storage, "fp16")
+    torch.testing.assert_close(got, want)
+
+
+# ---- a fake tensorrt / tensorrt.plugin -------------------------------------------------------------
+class _DType:
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"DataType.{self.name}"
+
+
+class _Expr:
+    def __init__(self, value):
+        self.value, self.is_fake = value, False
+
+    @property
+    def is_constant(self):
+        return self.value is not None
+
+    def constant_value(self):
+        return self.value
+
+
+def _fake_tensorrt():
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "fake"
+    for name in ("float32", "float16", "bfloat16", "int32", "uint8", "int64"):
+        setattr(trt, name, _DType(name))
+    trtp = types.ModuleType("tensorrt.plugin")
+    registry = {"register": {}, "impl": {}, "autotune": {}, "aot_impl": {}}
+
+    class TensorDesc:
+        def __init__(self, shape=(), dtype=None):
+            self.shape_expr = [_Expr(s) for s in shape]
+            self.dtype, self.aliased_to = dtype, None
+
+        def like(self):
+            d = TensorDesc(dtype=self.dtype)
+            d.shape_expr = list(self.shape_expr)
+            return d
+
+        def aliased(self):
+            d = self.like()
+            d.aliased_to = self
+            return d
+
+    class Tensor:
+        pass
+
+    class AutoTuneCombination:
+        def __init__(self, io_types=None, layouts=None, tactics=None):
+            self.io_types, self.layouts, self.tactics = io_types, layouts, tactics
+
+    class KernelLaunchParams:
+        pass
+
+    class SymIntExprs:
+        pass
+
+    serializable = (int, float, str, bool, bytes)
+
+    def register(name):
+        def deco(fn):
+            sig = inspect.signature(fn)
+            tensors, attrs, seen_attr = [], [], False
+            for p in sig.parameters.values():
+                assert p.annotation is not inspect.Parameter.empty, f"{name}: {p.name} not annotated"
+                assert p.default is inspect.Parameter.empty, f"{name}: {p.name} has a default"
+                if p.annotation is TensorDesc:
+                    assert not seen_attr, f"{name}: tensors and attributes interspersed"
+                    tensors.append(p.name)
+                else:
+                    assert p.annotation in serializable, f"{name}: {p.name} type {p.annotation}"
+                    assert p.name not in ("outputs", "stream", "tactic")
+                    attrs.append(p.name)
+                    seen_attr = True
+            assert sig.return_annotation is TensorDesc or typing.get_origin(sig.return_annotation) is tuple
+            ns, op = name.split("::")
+            assert ns and "." not in ns and ns not in ("", "trt", "tensorrt", "std")
+            registry["register"][name] = (fn, tensors, attrs)
+            return fn
+        return deco
+
+    def _follower(kind, tail):
+        def decorator(name):
+            def deco(fn):
+                _, tensors, attrs = registry["register"][name]
+                params = list(inspect.signature(fn).parameters)
+                used = [a for a in attrs if a in params]
+                assert params == tensors + used + tail, f"{kind} {name}: {params}"
+                registry[kind][name] = fn
+                return fn
+            return deco
+        return decorator
+
+    trtp.TensorDesc, trtp.Tensor, trtp.AutoTuneCombination = TensorDesc, Tensor, AutoTuneCombination
+    trtp.KernelLaunchParams, trtp.SymIntExprs = KernelLaunchParams, SymIntExprs
+    trtp.register = register
+    trtp.impl = _follower("impl", ["outputs", "stream"])
+    trtp.autotune = _follower("autotune", ["outputs"])
+    trtp.aot_impl = _follower("aot_impl", ["outputs", "tactic"])
+    trt.plugin = trtp
+    return trt, trtp, registry
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    trt, trtp, registry = _fake_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    monkeypatch.setattr(trt_defs, "_registered", {})
+    monkeypatch.setattr(trt_defs, "DEVICE", "cpu")
+    return trt, trtp, registry
+
+
+def test_missing_tensorrt_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setattr(trt_defs, "_registered", {})
+    with pytest.raises(ImportError, match=r"need TensorRT >= 10\.9.*missing package `tensorrt`"):
+        trt_defs.register_plugins()
+    import trtllm_sawint4.plugins  # noqa: F401  (importing never needs TensorRT)
+
+
+def test_registers_every_op(fake_trt):
+    trt, trtp, registry = fake_trt
+    trt_defs.register_plugins()
+    names = {op.qualified_name for op in contract.OPS.values()}
+    assert set(registry["register"]) == set(registry["impl"]) == set(registry["autotune"]) == names
+    assert registry["aot_impl"] == {}
+    for name, (fn, tensors, attrs) in registry["register"].items():
+        op = contract.op_def(name.split("::")[1])
+        assert tensors == op.input_names and attrs == op.attr_names  # argument order is the contract's
+    trt_defs.register_plugins()  # idempotent
+    assert trt_defs.registered()["ops"] == sorted(names, key=["saw_int4::append", "saw_int4::prefill",
+                                                                "saw_int4::decode"].index)
+
+
+def _descs(trt, trtp, shapes, dtypes):
+    return [trtp.TensorDesc(s, getattr(trt, d)) for s, d in zip(shapes, dtypes)]
+
+
+def test_register_rules_through_the_fake(fake_trt):
+    trt, trtp, registry = fake_trt
+    trt_defs.register_plugins()
+    fn = registry["register"]["saw_int4::append"][0]
+    descs = _descs(trt, trtp, _append_shapes(n=None), ["float16", "float16", "int32", "uint8"] + ["float32"] * 3)
+    out = fn(*descs, **append_attrs())
+    assert out.aliased_to is descs[3]  # the pool is updated in place
+    bad = _descs(trt, trtp, _append_shapes(r=100), ["float16", "float16", "int32", "uint8"] + ["float32"] * 3)
+    with pytest.raises(contract.ContractError, match="pool dim 3"):
+        fn(*bad, **append_attrs())
+    bad = _descs(trt, trtp, _append_shapes(), ["float16", "float16", "int64", "uint8"] + ["float32"] * 3)
+    with pytest.raises(contract.ContractError, match="slot_mapping must be int32"):
+        fn(*bad, **append_attrs())
+    fn = registry["register"]["saw_int4::prefill"][0]
+    q = _descs(trt, trtp, [(None, 4, 32), (None, 2, 2, 320), (None, None), (None,), (None,), (2, 32, 32), (32, 32)],
+               ["bfloat16", "uint8", "int32", "int32", "int32", "float32", "float32"])
+    out = fn(*q, **attn_attrs())
+    assert out.dtype is trt.bfloat16 and out.aliased_to is None
+    tune = registry["autotune"]["saw_int4::prefill"](*q, outputs=(out,))
+    assert [c.io_types for c in tune] == [contract.type_combination("prefill")] and tune[0].layouts == "LINEAR"
+
+
+def test_jit_impl_runs_the_torch_ops(fake_trt):
+    trt, trtp, registry = fake_trt
+    trt_defs.register_plugins()
+    spec, tf, ins, attrs = _case("saw_int4")
+    expected = ins[3].clone()
+    reference.append(expected, ins[0], ins[1], ins[2], tf.k_matrix, None, tf.v_matrix, "int4", "fp16")
+    registry["impl"]["saw_int4::append"](*ins, **attrs, outputs=(ins[3],), stream=0)
+    assert torch.equal(ins[3], expected)
+
+    pool = ins[3]
+    q = torch.randn(6, 4, 32)
+    table, lens, qsl = (torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([22], dtype=torch.int32),
+                        torch.tensor([0, 6], dtype=torch.int32))
+    pattrs = attn_attrs(has_v_matrix=1)
+    out = torch.empty_like(q)
+    registry["impl"]["saw_int4::prefill"](q, pool, table, lens, qsl, tf.q_matrix, tf.v_matrix, **pattrs,
+                                          outputs=(out,), stream=0)
+    torch.testing.assert_close(out, reference.prefill(q, pool, table, lens, qsl, tf.q_matrix, tf.v_matrix,
+                                                      32 ** -0.5, "int4", "fp16"))
+    out = torch.empty_like(q[:1])
+    registry["impl"]["saw_int4::decode"](q[:1], pool, table, lens, tf.q_matrix, tf.v_matrix, **pattrs,
+                                         outputs=(out,), stream=0)
+    torch.testing.assert_close(out, reference.decode(q[:1], pool, table, lens, tf.q_matrix, tf.v_matrix,
+                                                     32 ** -0.5, "int4", "fp16"))
+
+
+def test_aot_hook(fake_trt, tmp_path):
+    trt, trtp, registry = fake_trt
+    manifest = tmp_path / "aot.json"
+    manifest.write_text(json.dumps({"format": aot.MANIFEST_FORMAT, "version": aot.MANIFEST_VERSION, "kernels": {}}))
+    trt_defs.register_plugins(aot_manifest=manifest)
+    assert set(registry["aot_impl"]) == {op.qualified_name for op in contract.OPS.values()}
+    descs = _descs(trt, trtp, _append_shapes(), ["float16", "float16", "int32", "uint8"] + ["float32"] * 3)
+    with pytest.raises(NotImplementedError, match="ahead-of-time implementation is not written yet"):
+        registry["aot_impl"]["saw_int4::append"](*descs, **append_attrs(), outputs=(descs[3],), tactic=0)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="not a sawint4-aot"):
+        aot.load_manifest(bad)
+    with pytest.raises(FileNotFoundError, match="sawint4 aot"):
+        aot.load_manifest(tmp_path / "missing.json")
+
+
+def test_aot_kernel_key():
+    k = aot.kernel_key("prefill", attn_attrs(has_v_matrix=1), "float16")
+    assert k == "prefill/float16/int4/fp16/D32/T16/H2_HQ4/tf-QV"
+    assert aot.kernel_key("append", append_attrs(has_k_matrix=0, storage="bf16"), "bfloat16") \
+        == "append/bfloat16/bf16/fp16/D32/T16/H2/tf-none"

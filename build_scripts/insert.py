@@ -92,6 +92,7 @@ class _Attn:
     scale: float
     dtype: object
     dead_inputs: list  # inputs the paged cache replaces (past KV, seqlens_k, ...)
+    rotary: dict | None = None  # GQA do_rotary=1: cos, sin, dim, interleaved
 
 
 # ---- reading the attention nodes --------------------------------------------------------------
@@ -174,9 +175,15 @@ def _parse_attention(node, graph, opts: InsertOptions) -> _Attn:
 
 def _parse_gqa(node, graph, opts: InsertOptions) -> _Attn:
     where = f"GroupQueryAttention node {node.name!r}"
+    rotary = None
     if node.attrs.get("do_rotary", 0):
-        raise InsertError(f"{where}: do_rotary=1 (rotary embedding inside the attention op) is not supported yet: "
-                          f"apply the rotary embedding before the node (onnxruntime-genai builder option) ")
+        cos, sin = _input(node, 7), _input(node, 8)
+        if cos is None or sin is None:
+            raise InsertError(f"{where}: do_rotary=1 needs cos_cache and sin_cache inputs")
+        half = _static(cos.shape, 1)
+        if half is None:
+            raise InsertError(f"{where}: cannot determine the rotary dimension from cos_cache shape {cos.shape}")
+        rotary = dict(cos=cos, sin=sin, dim=2 * half, interleaved=int(node.attrs.get("rotary_interleaved", 0)))
     for attr, ok in (("local_window_size", -1), ("softcap", 0.0), ("smooth_softmax", 0)):
         if attr in node.attrs and node.attrs[attr] not in (ok, None):
             raise InsertError(f"{where}: {attr}={node.attrs[attr]} is not supported by the saw_int4 ops")
@@ -198,8 +205,10 @@ def _parse_gqa(node, graph, opts: InsertOptions) -> _Attn:
     d = None if hidden is None else hidden // (hq + 2 * hkv if packed else hq)
     d = _resolve("head_dim", d, opts.head_dim, where)
     scale = float(node.attrs.get("scale", 0.0) or 0.0) or 1.0 / math.sqrt(d)
+    if rotary is not None and (rotary["dim"] > d or rotary["dim"] % 2):
+        raise InsertError(f"{where}: rotary dimension {rotary['dim']} (from cos_cache) does not fit head_dim={d}")
     dead = [t for t in (_input(node, i) for i in (3, 4, 5, 6, 7, 8)) if t is not None]
-    return _Attn(node, "GroupQueryAttention", "bsd", q, k, v, hq, hkv, d, scale, q.dtype, dead)
+    return _Attn(node, "GroupQueryAttention", "bsd", q, k, v, hq, hkv, d, scale, q.dtype, dead, rotary)
 
 
 def find_attention(graph, opts: InsertOptions) -> list[_Attn]:
@@ -249,6 +258,64 @@ def _tokens_major(b: _Builder, x, heads, d, layout):
     if layout == "bhsd":
         x = b.op("Transpose", [x], {"perm": [0, 2, 1, 3]}, dtype=x.dtype)
     return b.op("Reshape", [x, b.shape_const([-1, heads, d])], dtype=x.dtype)
+
+
+def _token_positions(b: _Builder, inputs: dict, q3, mode: str):
+    """int64 [N] absolute position of each new token, from the paged-cache inputs:
+    prefill: token n of sequence j = #(query_start_loc[1:] <= n) sits at n + seq_lens[j] - query_start_loc[j + 1];
+    decode: seq_lens - 1."""
+    i64 = np.int64
+    lens = b.op("Cast", [inputs["seq_lens"]], {"to": 7}, dtype=i64)
+    if mode == "decode":
+        return b.op("Sub", [lens, b.const(b.name("one"), np.array(1, i64))], dtype=i64)
+    shape = b.op("Shape", [q3], dtype=i64)
+    n_tok = b.op("Gather", [shape, b.const(b.name("zero"), np.array(0, i64))], {"axis": 0}, dtype=i64)
+    n = b.op("Range", [b.const(b.name("zero"), np.array(0, i64)), n_tok, b.const(b.name("one"), np.array(1, i64))],
+             dtype=i64)
+    qsl = b.op("Cast", [inputs["query_start_loc"]], {"to": 7}, dtype=i64)
+    ends = b.op("Slice", [qsl, b.const(b.name("s"), np.array([1], i64)), b.const(b.name("e"), np.array([2 ** 62], i64)),
+                          b.const(b.name("a"), np.array([0], i64))], dtype=i64)
+    n_col = b.op("Unsqueeze", [n, b.const(b.name("ax"), np.array([1], i64))], dtype=i64)
+    ends_row = b.op("Unsqueeze", [ends, b.const(b.name("ax"), np.array([0], i64))], dtype=i64)
+    past_end = b.op("Cast", [b.op("GreaterOrEqual", [n_col, ends_row], dtype=np.bool_)], {"to": 7}, dtype=i64)
+    seq = b.op("ReduceSum", [past_end, b.const(b.name("ax"), np.array([1], i64))], {"keepdims": 0}, dtype=i64)
+    start = b.op("Sub", [b.op("Gather", [lens, seq], {"axis": 0}, dtype=i64),
+                         b.op("Gather", [ends, seq], {"axis": 0}, dtype=i64)], dtype=i64)
+    return b.op("Add", [n, start], dtype=i64)
+
+
+def _slice_last(b: _Builder, x, start, end):
+    i64 = np.int64
+    return b.op("Slice", [x, b.const(b.name("s"), np.array([start], i64)), b.const(b.name("e"), np.array([end], i64)),
+                          b.const(b.name("a"), np.array([-1], i64))], dtype=x.dtype)
+
+
+def _apply_rotary(b: _Builder, x, heads, d, cos, sin, rotary):
+    """Rotary embedding of x [N, heads, D] with cos/sin [N, rd/2] (GQA's do_rotary semantics)."""
+    i64 = np.int64
+    rd, half = rotary["dim"], rotary["dim"] // 2
+    c = b.op("Unsqueeze", [cos, b.const(b.name("ax"), np.array([1], i64))], dtype=x.dtype)
+    s = b.op("Unsqueeze", [sin, b.const(b.name("ax"), np.array([1], i64))], dtype=x.dtype)
+    xr = _slice_last(b, x, 0, rd) if rd < d else x
+    if rotary["interleaved"]:
+        pairs = b.op("Reshape", [xr, b.shape_const([0, heads, half, 2])], dtype=x.dtype)
+        x1 = b.op("Squeeze", [_slice_last(b, pairs, 0, 1), b.const(b.name("ax"), np.array([-1], i64))], dtype=x.dtype)
+        x2 = b.op("Squeeze", [_slice_last(b, pairs, 1, 2), b.const(b.name("ax"), np.array([-1], i64))], dtype=x.dtype)
+    else:
+        x1, x2 = _slice_last(b, xr, 0, half), _slice_last(b, xr, half, rd)
+    o1 = b.op("Sub", [b.op("Mul", [x1, c], dtype=x.dtype), b.op("Mul", [x2, s], dtype=x.dtype)], dtype=x.dtype)
+    o2 = b.op("Add", [b.op("Mul", [x2, c], dtype=x.dtype), b.op("Mul", [x1, s], dtype=x.dtype)], dtype=x.dtype)
+    if rotary["interleaved"]:
+        ax = b.const(b.name("ax"), np.array([-1], i64))
+        st = b.op("Concat", [b.op("Unsqueeze", [o1, ax], dtype=x.dtype), b.op("Unsqueeze", [o2, ax], dtype=x.dtype)],
+                  {"axis": -1}, dtype=x.dtype)
+        out = b.op("Reshape", [st, b.shape_const([0, heads, rd])], dtype=x.dtype)
+        parts = [out]
+    else:
+        parts = [o1, o2]
+    if rd < d:
+        parts.append(_slice_last(b, x, rd, d))
+    return parts[0] if len(parts) == 1 else b.op("Concat", parts, {"axis": -1}, dtype=x.dtype)
 
 
 def _transform_consts(b: _Builder, spec: KVCacheSpec, transform, layer: int, cache: dict):
@@ -349,6 +416,15 @@ def insert(model, opts: InsertOptions | None = None):
         q3 = _tokens_major(b, q, a.num_heads, d, a.layout)
         k3 = _tokens_major(b, k, hkv, d, a.layout)
         v3 = _tokens_major(b, v, hkv, d, a.layout)
+        q_tokens = q3
+        if a.rotary is not None:
+            if "pos" not in const_cache:  # one position computation shared by all layers
+                const_cache["pos"] = _token_positions(b, new_inputs, q3, opts.mode)
+            pos = const_cache["pos"]
+            cos = b.op("Gather", [a.rotary["cos"], pos], {"axis": 0}, dtype=q.dtype)
+            sin = b.op("Gather", [a.rotary["sin"], pos], {"axis": 0}, dtype=q.dtype)
+            q3 = _apply_rotary(b, q3, a.num_heads, d, cos, sin, a.rotary)
+            k3 = _apply_rotary(b, k3, hkv, d, cos, sin, a.rotary)
 
         pool_in = gs.Variable(POOL_INPUT.format(layer), dtype=np.uint8, shape=["num_blocks", 2, hkv, region])
         pool_out = gs.Variable(POOL_OUTPUT.format(layer), dtype=np.uint8, shape=["num_blocks", 2, hkv, region])
@@ -372,7 +448,7 @@ def insert(model, opts: InsertOptions | None = None):
         node.outputs.clear()  # the old node goes; its output Y is now produced below
         node.inputs.clear()
         if a.layout == "bhsd":
-            qt = q3.inputs[0].inputs[0]  # the [B, S, HQ, D] transpose of Q
+            qt = q_tokens.inputs[0].inputs[0]  # the [B, S, HQ, D] transpose of Q
             o4 = b.op("Reshape", [o3, b.op("Shape", [qt], dtype=np.int64)], dtype=q.dtype)
             b.op("Transpose", [o4], {"perm": [0, 2, 1, 3]}, outputs=[y])
         else:

@@ -262,8 +262,38 @@ def test_group_query_attention(packed):
     assert np.abs(y2 - y).max() < 0.01 * np.abs(y).max()
 
 
-def test_gqa_with_rotary_is_a_clear_error():
-    m = _gqa_model(False)
-    m.graph.node[0].attribute.append(oh.make_attribute("do_rotary", 1))
-    with pytest.raises(insert.InsertError, match="do_rotary"):
-        insert.insert(m)
+def _with_rotary(m, rotary_dim, interleaved, max_pos=64):
+    """Turn the GQA node into do_rotary=1 with cos/sin caches as initializers."""
+    inv = 1.0 / (10000 ** (np.arange(0, rotary_dim, 2) / rotary_dim))
+    ang = np.arange(max_pos)[:, None] * inv[None]
+    m.graph.initializer.extend([onnx.numpy_helper.from_array(np.cos(ang).astype(np.float32), "cos_cache"),
+                                onnx.numpy_helper.from_array(np.sin(ang).astype(np.float32), "sin_cache")])
+    node = m.graph.node[0]
+    node.input.extend(["cos_cache", "sin_cache"])
+    node.attribute.extend([oh.make_attribute("do_rotary", 1), oh.make_attribute("rotary_interleaved", interleaved)])
+    return m
+
+
+@pytest.mark.parametrize("rotary_dim, interleaved", [(D, 0), (D, 1), (D // 2, 0)])
+def test_group_query_attention_with_rotary_over_two_steps(rotary_dim, interleaved):
+    """do_rotary=1: the positions come from seq_lens/query_start_loc; the second step attends the cache."""
+    m = _with_rotary(_gqa_model(False), rotary_dim, interleaved)
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    out, _ = insert.insert(m, insert.InsertOptions(kv_format="bf16", ort=True))
+    sess = ort_ops.session(out.SerializeToString())
+    rng = np.random.default_rng(1)
+    t, table = 16, np.array([[2], [0]], np.int32)
+    past = np.zeros((B, HKV, 0, D), np.float32)
+    pool = np.zeros((3, 2, HKV, t * D * 2), np.uint8)
+    done = 0
+    for step in (5, 1, 1):  # onnxruntime GQA takes S > 1 with past context only at batch 1
+        x = {n: rng.standard_normal((B, step, h * D)).astype(np.float32) for n, h in (("q", HQ), ("k", HKV), ("v", HKV))}
+        total = done + step
+        y, pk, pv = ref.run(None, dict(x, past_key=past, past_value=past if done == 0 else pv_prev,
+                                       seqlens_k=np.full(B, total - 1, np.int32),
+                                       total_sequence_length=np.array(total, np.int32)))
+        slots = np.concatenate([table[b, 0] * t + np.arange(done, total) for b in range(B)]).astype(np.int32)
+        y2, pool = sess.run(None, dict(x, block_table=table, seq_lens=np.full(B, total, np.int32), slot_mapping=slots,
+                                       query_start_loc=np.arange(B + 1, dtype=np.int32) * step, kv_pool_0=pool))
+        assert np.abs(y2 - y).max() < 0.01 * np.abs(y).max(), step
+        past, pv_prev, done = pk, pv, total

@@ -13,7 +13,11 @@ try:
 except Exception:  # pragma: no cover - machines without triton
     HAVE_TRITON = False
 
-if HAVE_TRITON:
+# The repository's top-level folder is also importable as a plain `kernels` package whenever the
+# repository root is on sys.path (`python -m ...` run from it). transformers probes for Hugging
+# Face's `kernels` package by importing that name, so under any other name this module must import
+# cleanly and do nothing (no version: transformers then treats it as absent).
+if HAVE_TRITON and __name__ == "trtllm_sawint4.kernels":
     from .append import append
     from .decode import decode
     from .prefill import prefill
@@ -23,5 +27,5 @@ if HAVE_TRITON:
     register("decode", "cuda", decode)
     register("prefill", "cuda", prefill)
     __all__ = ["append", "decode", "prefill", "HAVE_TRITON"]
-else:
+else:  # pragma: no cover
     __all__ = ["HAVE_TRITON"]

@@ -281,6 +281,8 @@ def test_group_query_attention_with_rotary_over_two_steps(rotary_dim, interleave
     ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
     out, _ = insert.insert(m, insert.InsertOptions(kv_format="bf16", ort=True))
     sess = ort_ops.session(out.SerializeToString())
+    dec_model, _ = insert.insert(m, insert.InsertOptions(kv_format="bf16", ort=True, mode="decode"))
+    dec = ort_ops.session(dec_model.SerializeToString())
     rng = np.random.default_rng(1)
     t, table = 16, np.array([[2], [0]], np.int32)
     past = np.zeros((B, HKV, 0, D), np.float32)
@@ -293,7 +295,45 @@ def test_group_query_attention_with_rotary_over_two_steps(rotary_dim, interleave
                                        seqlens_k=np.full(B, total - 1, np.int32),
                                        total_sequence_length=np.array(total, np.int32)))
         slots = np.concatenate([table[b, 0] * t + np.arange(done, total) for b in range(B)]).astype(np.int32)
+        pool_before = pool
         y2, pool = sess.run(None, dict(x, block_table=table, seq_lens=np.full(B, total, np.int32), slot_mapping=slots,
                                        query_start_loc=np.arange(B + 1, dtype=np.int32) * step, kv_pool_0=pool))
         assert np.abs(y2 - y).max() < 0.01 * np.abs(y).max(), step
+        if step == 1:  # the decode graph: positions seq_lens - 1
+            y3, _ = dec.run(None, dict(x, block_table=table, seq_lens=np.full(B, total, np.int32), slot_mapping=slots,
+                                       kv_pool_0=pool_before))
+            assert np.abs(y3 - y).max() < 0.01 * np.abs(y).max()
         past, pv_prev, done = pk, pv, total
+
+
+def _run_rewritten_single_step(out_model, feeds, b, s, hkv, d, t=16):
+    sess = ort_ops.session(out_model.SerializeToString())
+    table = np.arange(b, dtype=np.int32)[:, None]
+    feeds = {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}}
+    feeds.update(block_table=table, seq_lens=np.full(b, s, np.int32),
+                 slot_mapping=np.concatenate([table[i, 0] * t + np.arange(s) for i in range(b)]).astype(np.int32),
+                 query_start_loc=np.arange(b + 1, dtype=np.int32) * s, kv_pool_0=np.zeros((b, 2, hkv, t * d * 2), np.uint8))
+    return sess.run(None, feeds)
+
+
+def test_attention_3d_layout_and_dense_past_is_replaced():
+    """3-D Attention (heads folded, q_num_heads/kv_num_heads) with past_key/past_value: the rewritten
+    graph drops the dense cache I/O and matches onnxruntime's Attention for a prompt."""
+    b, s = 2, 5
+    f = lambda n, shape: oh.make_tensor_value_info(n, TP.FLOAT, shape)  # noqa: E731
+    ins = [f("q", ["b", "s", HQ * D]), f("k", ["b", "s", HKV * D]), f("v", ["b", "s", HKV * D]),
+           f("past_key", ["b", HKV, "p", D]), f("past_value", ["b", HKV, "p", D])]
+    node = oh.make_node("Attention", ["q", "k", "v", "", "past_key", "past_value"], ["y", "present_key", "present_value"],
+                        is_causal=1, q_num_heads=HQ, kv_num_heads=HKV)
+    outs = [f("y", ["b", "s", HQ * D]), f("present_key", ["b", HKV, "t", D]), f("present_value", ["b", HKV, "t", D])]
+    m = _model([node], ins, outs)
+    rng = np.random.default_rng(4)
+    feeds = {n: rng.standard_normal((b, s, h * D)).astype(np.float32) for n, h in (("q", HQ), ("k", HKV), ("v", HKV))}
+    empty = np.zeros((b, HKV, 0, D), np.float32)
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["y"], dict(feeds, past_key=empty, past_value=empty))[0]
+    out, report = insert.insert(m, insert.InsertOptions(kv_format="bf16", ort=True))
+    assert report.removed_inputs == ["past_key", "past_value"]
+    assert report.removed_outputs == ["present_key", "present_value"]
+    y2 = _run_rewritten_single_step(out, feeds, b, s, HKV, D)[0]
+    assert np.abs(y2 - y).max() < 0.01 * np.abs(y).max()

@@ -101,16 +101,34 @@ def _stream_ctx(stream):
     return torch.cuda.stream(torch.cuda.ExternalStream(stream))
 
 
-def _run(op, tensors, attrs, outputs, stream) -> None:
-    """JIT implementation: view TensorRT's buffers as torch tensors and run the torch op."""
+class _RawCudaBuffer:
+    """`__cuda_array_interface__` over a raw device pointer (trtp.Tensor refuses BF16 there)."""
+
+    def __init__(self, ptr: int, shape, strides, itemsize: int, typestr: str):
+        self.__cuda_array_interface__ = {
+            "shape": tuple(int(d) for d in shape), "typestr": typestr, "data": (int(ptr), False), "version": 3,
+            "strides": tuple(int(s) * itemsize for s in strides) if strides is not None else None, "stream": None,
+        }
+
+
+def _as_torch(trt, t):
+    """A torch view of a trtp.Tensor's buffer (no copy), BF16 included."""
     import torch
 
+    if DEVICE != "cpu" and getattr(t, "dtype", None) == getattr(trt, "bfloat16", object()):
+        raw = _RawCudaBuffer(t.data_ptr, tuple(t.shape), t.strides, 2, "<i2")
+        return torch.as_tensor(raw, device=DEVICE).view(torch.bfloat16)
+    return torch.as_tensor(t, device=DEVICE)
+
+
+def _run(trt, op, tensors, attrs, outputs, stream) -> None:
+    """JIT implementation: view TensorRT's buffers as torch tensors and run the torch op."""
     with _stream_ctx(stream):
-        ins = [torch.as_tensor(t, device=DEVICE) for t in tensors]
+        ins = [_as_torch(trt, t) for t in tensors]
         if op is contract.APPEND:
             contract.torch_call(op, ins, attrs)  # writes the pool, which outputs[0] aliases
             return
-        out = torch.as_tensor(outputs[0], device=DEVICE)
+        out = _as_torch(trt, outputs[0])
         out.copy_(contract.torch_call(op, ins, attrs))
 
 
@@ -146,7 +164,7 @@ def _define(trt, trtp, manifest) -> None:  # noqa: C901 (one block per op, kept 
         attrs = dict(num_kv_heads=num_kv_heads, head_dim=head_dim, tokens_per_block=tokens_per_block,
                      storage=storage, meta_dtype=meta_dtype, has_k_matrix=has_k_matrix, has_k_bias=has_k_bias,
                      has_v_matrix=has_v_matrix)
-        _run(A, (key, value, slot_mapping, pool, k_matrix, k_bias, v_matrix), attrs, outputs, stream)
+        _run(trt, A, (key, value, slot_mapping, pool, k_matrix, k_bias, v_matrix), attrs, outputs, stream)
 
     # prefill ------------------------------------------------------------------------------------
     @trtp.register(P.qualified_name)
@@ -172,7 +190,7 @@ def _define(trt, trtp, manifest) -> None:  # noqa: C901 (one block per op, kept 
         attrs = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                      tokens_per_block=tokens_per_block, storage=storage, meta_dtype=meta_dtype, scale=scale,
                      has_q_matrix=has_q_matrix, has_v_matrix=has_v_matrix)
-        _run(P, (query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix), attrs, outputs, stream)
+        _run(trt, P, (query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix), attrs, outputs, stream)
 
     # decode -------------------------------------------------------------------------------------
     @trtp.register(D.qualified_name)
@@ -197,7 +215,7 @@ def _define(trt, trtp, manifest) -> None:  # noqa: C901 (one block per op, kept 
         attrs = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                      tokens_per_block=tokens_per_block, storage=storage, meta_dtype=meta_dtype, scale=scale,
                      has_q_matrix=has_q_matrix, has_v_matrix=has_v_matrix)
-        _run(D, (query, pool, block_table, seq_lens, q_matrix, v_matrix), attrs, outputs, stream)
+        _run(trt, D, (query, pool, block_table, seq_lens, q_matrix, v_matrix), attrs, outputs, stream)
 
     if manifest is not None:
         _define_aot(trtp, manifest)

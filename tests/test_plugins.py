@@ -406,3 +406,11 @@ def test_aot_kernel_key():
     assert k == "prefill/float16/int4/fp16/D32/T16/H2_HQ4/tf-QV"
     assert aot.kernel_key("append", append_attrs(has_k_matrix=0, storage="bf16"), "bfloat16") \
         == "append/bfloat16/bf16/fp16/D32/T16/H2/tf-none"
+
+
+def test_bf16_buffers_bypass_trtp_cuda_array_interface():
+    """trtp.Tensor refuses BF16 in __cuda_array_interface__; the JIT impls wrap the raw pointer as int16."""
+    raw = trt_defs._RawCudaBuffer(1234, (3, 4, 32), (128, 32, 1), 2, "<i2")
+    cai = raw.__cuda_array_interface__
+    assert cai["data"] == (1234, False) and cai["shape"] == (3, 4, 32) and cai["strides"] == (256, 64, 2)
+    assert cai["typestr"] == "<i2" and cai["version"] == 3

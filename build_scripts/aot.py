@@ -50,7 +50,9 @@ class AotKernel:
     grid: tuple[str, str, str]
     num_warps: int = 4
     num_stages: int = 2
-    model: dict = field(default_factory=dict)
+    #: shape expression -> largest value the compiled constants allow (e.g. the batch a prefill
+    #: kernel's padded sequence scan covers); the launcher and the plugins refuse larger inputs.
+    limits: dict = field(default_factory=dict)
 
     def check(self) -> None:
         kinds = [p.kind for p in self.params]
@@ -73,7 +75,7 @@ class AotKernel:
                 raise ValueError(f"{self.op}.{p.name}: alias {p.alias!r} is not an input")
             for e in p.shape or []:
                 _check_expr(self.op, e, inputs)
-        for e in self.grid:
+        for e in [*self.grid, *self.limits]:
             _check_expr(self.op, e, inputs)
         arg_names = list(self.fn.arg_names)
         want = [p.name for p in self.params] + sorted(self.constexprs, key=arg_names.index)
@@ -134,6 +136,7 @@ def write_artifacts(kernels: list[AotKernel], targets: list[str], out_dir: str |
                 "profile_scratch_size": md.profile_scratch_size,
                 "constexprs": {n: v for n, v in k.constexprs.items()},
                 "grid": list(k.grid),
+                "limits": dict(k.limits),
                 "block": [md.num_warps * 32, 1, 1],
                 "num_warps": md.num_warps,
                 "shared_bytes": md.shared,

@@ -67,6 +67,10 @@ class AotLauncher:
         if missing:
             raise ValueError(f"{op}: missing inputs {missing}")
         shapes = {p["name"]: tuple(tensors[p["name"]].shape) for p in inputs}
+        for expr, limit in entry.get("limits", {}).items():
+            if symexpr.evaluate(expr, shapes) > limit:
+                raise ValueError(f"{op}: {expr} = {symexpr.evaluate(expr, shapes)} exceeds {limit}, the most these "
+                                 f"artifacts were compiled for")
         values, types, outputs = [], [], {}
         for p in entry["params"]:
             if p["kind"] == "input":

@@ -1,0 +1,109 @@
+"""Ahead-of-time variants of the kernels, in the form a TensorRT AOT plugin launches.
+
+Each wrapper below is a @triton.jit kernel whose parameters follow TensorRT's AOT order —
+the plugin's inputs (plugins/contract.py order), then integer scalars, then outputs — and which
+calls the same kernel body as the JIT path, with every float and model constant baked in as a
+constexpr. Strides are derived from the (contiguous) shapes. One plugin, one kernel: decode runs
+unsplit (NUM_SPLITS = 1), since a split needs a second, reduce launch.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..build_scripts.aot import AotKernel, AotParam
+from ._common import STORAGE_CODE
+from .append import _append_kernel
+from .decode import LOG2E, _decode_kernel
+from .prefill import CONFIG as PREFILL_CONFIG
+from .prefill import _prefill_kernel
+
+
+@triton.jit
+def append_aot(key, value, slot_mapping, pool, k_matrix, k_bias, v_matrix, num_tokens, pool_out,
+               H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr, STORAGE: tl.constexpr,
+               META32: tl.constexpr, HAS_KM: tl.constexpr, HAS_KB: tl.constexpr, HAS_VM: tl.constexpr,
+               PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    _append_kernel(pool_out, key, value, slot_mapping, k_matrix, k_bias, v_matrix, num_tokens, H * D, D, H * D, D,
+                   H, D, T, R, STORAGE, META32, HAS_KM, HAS_KB, HAS_VM, PREC, BLOCK_N)
+
+
+@triton.jit
+def decode_aot(query, pool, block_table, seq_lens, q_matrix, v_matrix, max_blocks, out,
+               HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+               T: tl.constexpr, R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
+               HAS_VM: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+               QK_SCALE: tl.constexpr):
+    tiles = tl.cdiv(max_blocks * T, BLOCK_N)
+    _decode_kernel(query, pool, block_table, seq_lens, q_matrix, v_matrix, out, out, out,
+                   HQ * D, D, HQ * D, D, max_blocks, QK_SCALE, tiles,
+                   H, G, GP, D, T, R, STORAGE, META32, HAS_QM, HAS_VM, 1, BLOCK_N, DT, PREC)
+
+
+@triton.jit
+def prefill_aot(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, num_seqs, max_blocks, out,
+                HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
+                R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, DT: tl.constexpr,
+                PREC: tl.constexpr, QK_SCALE: tl.constexpr):
+    _prefill_kernel(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, out, out,
+                    HQ * D, D, HQ * D, D, max_blocks, QK_SCALE, num_seqs,
+                    H, G, D, T, R, STORAGE, META32, HAS_QM, False, BLOCK_M, BLOCK_N, B_PAD, DT, PREC)
+
+
+def _inp(name, type_):
+    return AotParam(name, "input", type_)
+
+
+def model_kernels(head_dim: int, num_heads: int, num_kv_heads: int, tokens_per_block: int, kv_format: str,
+                  rotate_v: bool, calibrated: bool, query_dtype: str, scale: float, max_batch: int = 256,
+                  **_unused) -> list[AotKernel]:
+    """The append, decode and prefill kernels of one model configuration."""
+    from ..spec import KVCacheSpec
+
+    spec = KVCacheSpec(head_dim, num_kv_heads, tokens_per_block, kv_format, rotate_v=rotate_v)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+    if rotate_v:
+        raise ValueError("rotate_v is not available ahead of time yet: the prefill kernel rotates the output "
+                         "back through a scratch buffer that the single-output plugin does not have")
+    act = {"bf16": "*bf16", "fp16": "*fp16"}[query_dtype]
+    dot = tl.float16 if (query_dtype == "fp16" and spec.storage != "bf16") else tl.bfloat16
+    h, g, d, t, r = num_kv_heads, num_heads // num_kv_heads, head_dim, tokens_per_block, spec.region_bytes
+    fmt = dict(STORAGE=STORAGE_CODE[spec.storage], META32=spec.metadata_dtype == "fp32")
+    transformed = spec.rotated or calibrated
+    qk_scale = float(scale) * LOG2E
+
+    append = AotKernel(
+        op="append", fn=append_aot,
+        params=[_inp("key", act), _inp("value", act), _inp("slot_mapping", "*i32"), _inp("pool", "*u8"),
+                _inp("k_matrix", "*fp32"), _inp("k_bias", "*fp32"), _inp("v_matrix", "*fp32"),
+                AotParam("num_tokens", "scalar", "i32", value="key.shape[0]"),
+                AotParam("pool_out", "output", "*u8", alias="pool")],
+        constexprs=dict(H=h, D=d, T=t, R=r, **fmt, HAS_KM=transformed, HAS_KB=calibrated, HAS_VM=rotate_v,
+                        PREC=3 if query_dtype == "bf16" else 2, BLOCK_N=64),
+        grid=("cdiv(key.shape[0], 64)", str(h), "1"), num_warps=4 if d <= 128 else 8)
+    decode = AotKernel(
+        op="decode", fn=decode_aot,
+        params=[_inp("query", act), _inp("pool", "*u8"), _inp("block_table", "*i32"), _inp("seq_lens", "*i32"),
+                _inp("q_matrix", "*fp32"), _inp("v_matrix", "*fp32"),
+                AotParam("max_blocks", "scalar", "i32", value="block_table.shape[1]"),
+                AotParam("out", "output", act, shape=["query.shape[0]", "query.shape[1]", "query.shape[2]"])],
+        constexprs=dict(HQ=num_heads, H=h, G=g, GP=max(16, triton.next_power_of_2(g)), D=d, T=t, R=r, **fmt,
+                        HAS_QM=transformed, HAS_VM=rotate_v, BLOCK_N=64, DT=dot, PREC=1, QK_SCALE=qk_scale),
+        grid=("query.shape[0]", str(h), "1"), num_warps=4, num_stages=2)
+    block_m, block_n, warps, stages = PREFILL_CONFIG[d]
+    prefill = AotKernel(
+        op="prefill", fn=prefill_aot,
+        params=[_inp("query", act), _inp("pool", "*u8"), _inp("block_table", "*i32"), _inp("seq_lens", "*i32"),
+                _inp("query_start_loc", "*i32"), _inp("q_matrix", "*fp32"), _inp("v_matrix", "*fp32"),
+                AotParam("num_seqs", "scalar", "i32", value="block_table.shape[0]"),
+                AotParam("max_blocks", "scalar", "i32", value="block_table.shape[1]"),
+                AotParam("out", "output", act, shape=["query.shape[0]", "query.shape[1]", "query.shape[2]"])],
+        constexprs=dict(HQ=num_heads, H=h, G=g, D=d, T=t, R=r, **fmt, HAS_QM=transformed, BLOCK_M=block_m,
+                        BLOCK_N=block_n, B_PAD=triton.next_power_of_2(max(2, max_batch)), DT=dot, PREC=1,
+                        QK_SCALE=qk_scale),
+        grid=(f"cdiv(query.shape[0], {block_m}) + block_table.shape[0]", str(num_heads), "1"),
+        num_warps=warps, num_stages=stages, limits={"block_table.shape[0]": triton.next_power_of_2(max(2, max_batch))})
+    return [append, decode, prefill]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .allocator import BlockAllocator
+from .allocator import BlockAllocator, OutOfBlocks
 from .calibration import ChannelCalibration
 from .ops import checks
 from .ops.dispatch import implementation
@@ -86,6 +86,13 @@ class PagedKVCache:
             raise ValueError(f"seq_ids ({len(seq_ids)}) and num_new_tokens ({len(num_new_tokens)}) differ in length")
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError(f"seq_ids must be distinct, got {seq_ids}")
+        # check the whole step before changing anything, so a failed plan leaves the cache as it was
+        for n in num_new_tokens:
+            if n < 0:
+                raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
+        need = sum(self.allocator.blocks_needed(s, n) for s, n in zip(seq_ids, num_new_tokens))
+        if need > self.allocator.num_free:
+            raise OutOfBlocks(f"this step needs {need} more blocks, {self.allocator.num_free} are free")
         slots: list[int] = []
         for seq_id, n in zip(seq_ids, num_new_tokens):
             slots += self.allocator.extend(seq_id, n)

@@ -30,6 +30,11 @@ def _shape(name, t, shape):
         _fail(name, f"shape must be {list(shape)}, got {list(t.shape)}")
 
 
+def _contiguous(name, t):
+    if not t.is_contiguous():
+        _fail(name, "must be contiguous (the kernels index it densely)")
+
+
 def _device(name, t, device):
     if t.device != device:
         _fail(name, f"must be on {device} like the cache, got {t.device}")
@@ -87,6 +92,7 @@ def check_append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, sto
     _shape("slot_mapping", slot_mapping, (n,))
     for name, x in (("key", key), ("value", value), ("slot_mapping", slot_mapping)):
         _device(name, x, pool.device)
+    _contiguous("slot_mapping", slot_mapping)
     check_transforms(pool, h, d, storage, k_matrix=k_matrix, k_bias=k_bias, v_matrix=v_matrix)
     return t
 
@@ -116,6 +122,8 @@ def check_attention(query, pool, block_table, seq_lens, query_start_loc, q_matri
         _fail("query", f"decode takes one query per sequence: {query.shape[0]} queries for {b} sequences")
     for name, x in tensors.items():
         _device(name, x, pool.device)
+        if name != "query":
+            _contiguous(name, x)
     if not (isinstance(scale, float) and scale > 0 and scale != float("inf")):
         _fail("scale", f"must be a positive finite float, got {scale!r}")
     check_transforms(pool, h, d, storage, q_matrix=q_matrix, v_matrix=v_matrix)
@@ -140,7 +148,11 @@ def check_append_indices(pool, slot_mapping, tokens_per_block: int) -> None:
 
 
 def check_attention_indices(pool, block_table, seq_lens, query_start_loc, num_queries, tokens_per_block) -> None:
-    if _capturing() or block_table.shape[0] == 0:
+    if _capturing():
+        return
+    if block_table.shape[0] == 0:
+        if num_queries:
+            _fail("query", f"{num_queries} queries but no sequence (block_table has 0 rows) to attend")
         return
     max_tokens = block_table.shape[1] * tokens_per_block
     lens = seq_lens.long()

@@ -12,7 +12,8 @@ Shapes (N new tokens, B sequences, H KV heads, Hq query heads, D head_dim, T tok
         attends positions 0..that position (causal, bottom-right aligned).
 
 Token p of sequence b lives in block block_table[b, p // T], row p % T. Query head i reads KV
-head i // (Hq // H). A sequence with no tokens gives a zero output. Everything is computed in
+head i // (Hq // H). A sequence with no tokens gives a zero output. A non-finite stored vector
+(see quant.py) makes the output nan for exactly the queries that can see its position. Everything is computed in
 float32; the output has the query's dtype. Transforms are those of `transforms.LayerTransform`.
 """
 
@@ -79,7 +80,13 @@ def _attend(q, k, v, positions, scale, q_matrix, v_matrix):
     scores = torch.einsum("qhd,khd->hqk", qh, k[:, kv_head]) * scale
     causal = torch.arange(k.shape[0], device=q.device)[None, :] <= positions[:, None]
     scores = scores.masked_fill(~causal, float("-inf"))
-    out = torch.einsum("hqk,khd->qhd", torch.softmax(scores, -1), v[:, kv_head])
+    # A stored non-finite V (quant.py stores such a vector as nan) reaches exactly the queries that
+    # can see it: multiplying it by the zero weight of a causally later token would leak it further.
+    v = v[:, kv_head]
+    v_bad = ~torch.isfinite(v).all(-1)  # [L, Hq]
+    out = torch.einsum("hqk,khd->qhd", torch.softmax(scores, -1), v.masked_fill(v_bad[..., None], 0))
+    sees_bad = (causal[None] & v_bad.T[:, None, :]).any(-1)  # [Hq, Q]
+    out = out.masked_fill(sees_bad.T[..., None], float("nan"))
     return _transform(out, None if v_matrix is None else v_matrix.T)
 
 

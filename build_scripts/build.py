@@ -103,6 +103,21 @@ def plugin_nodes(model) -> dict:
     return {"count": count, "aot": flags}
 
 
+def aot_problems(model, manifest_dir, target, profiles: dict) -> list[str]:
+    """Whether the AOT kernels fit the nodes' ops and the profile's largest shapes (no TensorRT needed)."""
+    from trtllm_sawint4.plugins import aot, contract
+
+    try:
+        manifest = aot.load_manifest(manifest_dir, target)
+    except (OSError, ValueError) as e:
+        return [str(e)]
+    ops = sorted({n.op_type for n in model.graph.node if n.op_type in contract.OPS and any(
+        a.name == "plugin_namespace" for a in n.attribute)})
+    shared = ("block_table", "seq_lens", "query_start_loc", "slot_mapping")  # graph inputs = plugin inputs
+    max_shapes = {op: {name: profiles[name][2] for name in shared if name in profiles} for op in ops}
+    return aot.check_limits(manifest, max_shapes)
+
+
 def missing_tensorrt_message(err: Exception) -> str:
     return (f"sawint4 build: TensorRT is not available here: {err}\n"
             "  needs: the `tensorrt` Python package (TensorRT >= 10.9, with `tensorrt.plugin` and libnvinfer) on a "
@@ -111,12 +126,12 @@ def missing_tensorrt_message(err: Exception) -> str:
 
 
 def build_engine(onnx_path, engine_path, profiles: dict, *, precision: str = "fp32", aot_manifest=None,
-                 workspace_gib: float = 4.0, verbose: bool = False) -> bytes:
+                 aot_target: str | None = None, workspace_gib: float = 4.0, verbose: bool = False) -> bytes:
     """Parse, build and write a serialized engine (needs TensorRT)."""
     from trtllm_sawint4.plugins import register_plugins, require_tensorrt
 
     trt, _ = require_tensorrt()
-    register_plugins(aot_manifest=aot_manifest)
+    register_plugins(aot_manifest=aot_manifest, aot_target=aot_target)
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -167,7 +182,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", default=None, help="output engine file (default: ONNX path with .plan)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="builder flag for the non-plugin layers")
-    parser.add_argument("--aot-manifest", default=None, help="manifest of `sawint4 aot` (needed when nodes have aot=1)")
+    parser.add_argument("--aot-manifest", default=None,
+                        help="output folder of `sawint4 aot` (needed when nodes have aot=1)")
+    parser.add_argument("--aot-target", default=None, help="GPU target of the AOT kernels, e.g. sm_90 "
+                        "(default: the manifest's only target, or this machine's GPU)")
     parser.add_argument("--max-tokens", type=int, default=Limits.max_tokens)
     parser.add_argument("--opt-tokens", type=int, default=Limits.opt_tokens)
     parser.add_argument("--max-seqs", type=int, default=Limits.max_seqs)
@@ -216,6 +234,12 @@ def run(args) -> int:
     except ValueError as e:
         print(f"sawint4 build: error: {e}", file=sys.stderr)
         return 2
+    if args.aot_manifest:
+        problems = aot_problems(model, args.aot_manifest, args.aot_target, profiles)
+        if problems:
+            print("sawint4 build: error: the AOT kernels do not cover this build:\n  " + "\n  ".join(problems),
+                  file=sys.stderr)
+            return 2
     try:
         from trtllm_sawint4.plugins import require_tensorrt
 
@@ -225,7 +249,7 @@ def run(args) -> int:
         return EXIT_NO_TENSORRT
     engine = Path(args.engine) if args.engine else src.with_suffix(".plan")
     data = build_engine(src, engine, profiles, precision=args.precision, aot_manifest=args.aot_manifest,
-                        workspace_gib=args.workspace_gib, verbose=args.verbose)
+                        aot_target=args.aot_target, workspace_gib=args.workspace_gib, verbose=args.verbose)
     print(f"wrote {engine} ({len(data) / 1e6:.1f} MB)")
     if args.triton_repo:
         try:

@@ -11,13 +11,14 @@ For every op `saw_int4::<name>` this registers
   @trtp.autotune  the supported type/format combinations (activations FP32|FP16|BF16, LINEAR),
   @trtp.impl      the JIT fallback: runs `torch.ops.sawint4.<name>` (Triton kernels on CUDA) on
                   TensorRT's stream,
-  @trtp.aot_impl  only when an AOT manifest is given: see aot.py (not implemented yet).
+  @trtp.aot_impl  only when an AOT manifest (`sawint4 aot` output) is given: the precompiled cubin,
+                  grid and integer scalars of aot.py (the engine then runs without Python).
 
 NB: no `from __future__ import annotations` here: tensorrt.plugin inspects real annotation objects.
 """
 
 import contextlib
-from typing import List, Tuple
+from typing import List, Tuple, Union
 
 from . import aot, contract
 
@@ -52,16 +53,17 @@ def registered() -> dict[str, object]:
     return dict(_registered)
 
 
-def register_plugins(aot_manifest=None) -> None:
+def register_plugins(aot_manifest=None, aot_target: str | None = None) -> None:
     """Register the three saw_int4 plugins with TensorRT (idempotent). With `aot_manifest`
-    (a path or a loaded aot.AotManifest) also register their @trtp.aot_impl."""
+    (a `sawint4 aot` folder or an aot.AotManifest) also register their @trtp.aot_impl, using the
+    kernels of `aot_target` (e.g. "sm_90"; default: the only target, or the current GPU's)."""
     trt, trtp = require_tensorrt()
     if _registered:
         if aot_manifest is not None and _registered.get("aot_manifest") is None:
             raise RuntimeError("saw_int4 plugins are already registered without an AOT manifest; "
                                "call register_plugins(aot_manifest=...) before anything else registers them")
         return
-    manifest = aot.load_manifest(aot_manifest) if aot_manifest is not None else None
+    manifest = aot.load_manifest(aot_manifest, aot_target) if aot_manifest is not None else None
     _define(trt, trtp, manifest)
     _registered.update(ops=[op.qualified_name for op in contract.OPS.values()], aot_manifest=manifest)
 
@@ -218,42 +220,44 @@ def _define(trt, trtp, manifest) -> None:  # noqa: C901 (one block per op, kept 
         _run(trt, D, (query, pool, block_table, seq_lens, q_matrix, v_matrix), attrs, outputs, stream)
 
     if manifest is not None:
-        _define_aot(trtp, manifest)
+        _define_aot(trt, trtp, manifest)
 
 
-def _define_aot(trtp, manifest) -> None:
+def _define_aot(trt, trtp, manifest) -> None:
     """@trtp.aot_impl for every op; each asks aot.aot_kernel for (name, binary, launch, extra args)."""
     TD = trtp.TensorDesc
+    Ret = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]
+    names = _dtype_names(trt)
     A, P, D = contract.APPEND, contract.PREFILL, contract.DECODE
 
     @trtp.aot_impl(A.qualified_name)
     def append_aot(key: TD, value: TD, slot_mapping: TD, pool: TD, k_matrix: TD, k_bias: TD, v_matrix: TD,
                    num_kv_heads: int, head_dim: int, tokens_per_block: int, storage: str, meta_dtype: str,
-                   has_k_matrix: int, has_k_bias: int, has_v_matrix: int, outputs: Tuple[TD], tactic: int):
+                   has_k_matrix: int, has_k_bias: int, has_v_matrix: int, outputs: Tuple[TD], tactic: int) -> Ret:
         attrs = dict(num_kv_heads=num_kv_heads, head_dim=head_dim, tokens_per_block=tokens_per_block,
                      storage=storage, meta_dtype=meta_dtype, has_k_matrix=has_k_matrix, has_k_bias=has_k_bias,
                      has_v_matrix=has_v_matrix)
         return aot.aot_kernel(trtp, manifest, A, (key, value, slot_mapping, pool, k_matrix, k_bias, v_matrix),
-                              attrs, outputs, tactic)
+                              attrs, outputs, tactic, names)
 
     @trtp.aot_impl(P.qualified_name)
     def prefill_aot(query: TD, pool: TD, block_table: TD, seq_lens: TD, query_start_loc: TD, q_matrix: TD,
                     v_matrix: TD, num_heads: int, num_kv_heads: int, head_dim: int, tokens_per_block: int,
                     storage: str, meta_dtype: str, scale: float, has_q_matrix: int, has_v_matrix: int,
-                    outputs: Tuple[TD], tactic: int):
+                    outputs: Tuple[TD], tactic: int) -> Ret:
         attrs = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                      tokens_per_block=tokens_per_block, storage=storage, meta_dtype=meta_dtype, scale=scale,
                      has_q_matrix=has_q_matrix, has_v_matrix=has_v_matrix)
         return aot.aot_kernel(trtp, manifest, P, (query, pool, block_table, seq_lens, query_start_loc, q_matrix,
-                                                  v_matrix), attrs, outputs, tactic)
+                                                  v_matrix), attrs, outputs, tactic, names)
 
     @trtp.aot_impl(D.qualified_name)
     def decode_aot(query: TD, pool: TD, block_table: TD, seq_lens: TD, q_matrix: TD, v_matrix: TD,
                    num_heads: int, num_kv_heads: int, head_dim: int, tokens_per_block: int, storage: str,
                    meta_dtype: str, scale: float, has_q_matrix: int, has_v_matrix: int, outputs: Tuple[TD],
-                   tactic: int):
+                   tactic: int) -> Ret:
         attrs = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                      tokens_per_block=tokens_per_block, storage=storage, meta_dtype=meta_dtype, scale=scale,
                      has_q_matrix=has_q_matrix, has_v_matrix=has_v_matrix)
         return aot.aot_kernel(trtp, manifest, D, (query, pool, block_table, seq_lens, q_matrix, v_matrix), attrs,
-                              outputs, tactic)
+                              outputs, tactic, names)

@@ -207,6 +207,8 @@ class _DType:
 
 
 class _Expr:
+    """Stands in for trtp.ShapeExpr: arithmetic on known values (None stays unknown)."""
+
     def __init__(self, value):
         self.value, self.is_fake = value, False
 
@@ -216,6 +218,28 @@ class _Expr:
 
     def constant_value(self):
         return self.value
+
+    def _op(self, other, fn):
+        o = other.value if isinstance(other, _Expr) else other
+        return _Expr(None if self.value is None or o is None else fn(self.value, o))
+
+    def __add__(self, o):
+        return self._op(o, lambda a, b: a + b)
+
+    def __sub__(self, o):
+        return self._op(o, lambda a, b: a - b)
+
+    def __mul__(self, o):
+        return self._op(o, lambda a, b: a * b)
+
+    def __floordiv__(self, o):
+        return self._op(o, lambda a, b: a // b)
+
+    __radd__, __rmul__ = __add__, __mul__
+
+
+def _val(x):
+    return x.value if isinstance(x, _Expr) else x
 
 
 def _fake_tensorrt():
@@ -251,8 +275,23 @@ def _fake_tensorrt():
     class KernelLaunchParams:
         pass
 
-    class SymIntExprs:
+    class SymExprs:
         pass
+
+    class SymInt32:
+        def __init__(self, expr):
+            self.expr = expr
+
+    class SymIntExprs(SymExprs):
+        @classmethod
+        def from_tuple(cls, items):
+            assert all(isinstance(i, SymInt32) for i in items)
+            inst = cls()
+            inst.items = list(items)
+            return inst
+
+    def _sym(fn):
+        return lambda a, b: _Expr(None if _val(a) is None or _val(b) is None else fn(_val(a), _val(b)))
 
     serializable = (int, float, str, bool, bytes)
 
@@ -282,16 +321,22 @@ def _fake_tensorrt():
         def decorator(name):
             def deco(fn):
                 _, tensors, attrs = registry["register"][name]
-                params = list(inspect.signature(fn).parameters)
+                sig = inspect.signature(fn)
+                params = list(sig.parameters)
                 used = [a for a in attrs if a in params]
                 assert params == tensors + used + tail, f"{kind} {name}: {params}"
+                if kind == "aot_impl":  # the return annotation is mandatory there
+                    args = typing.get_args(sig.return_annotation)
+                    assert typing.get_origin(sig.return_annotation) is tuple and len(args) == 4
+                    assert args[2] is KernelLaunchParams and issubclass(args[3], SymExprs)
                 registry[kind][name] = fn
                 return fn
             return deco
         return decorator
 
     trtp.TensorDesc, trtp.Tensor, trtp.AutoTuneCombination = TensorDesc, Tensor, AutoTuneCombination
-    trtp.KernelLaunchParams, trtp.SymIntExprs = KernelLaunchParams, SymIntExprs
+    trtp.KernelLaunchParams, trtp.SymIntExprs, trtp.SymInt32 = KernelLaunchParams, SymIntExprs, SymInt32
+    trtp.cdiv, trtp.min, trtp.max = _sym(lambda a, b: -(-a // b)), _sym(min), _sym(max)
     trtp.register = register
     trtp.impl = _follower("impl", ["outputs", "stream"])
     trtp.autotune = _follower("autotune", ["outputs"])
@@ -384,28 +429,119 @@ def test_jit_impl_runs_the_torch_ops(fake_trt):
                                                      32 ** -0.5, "int4", "fp16"))
 
 
-def test_aot_hook(fake_trt, tmp_path):
+MODEL = dict(head_dim=32, num_heads=4, num_kv_heads=2, tokens_per_block=16, kv_format="saw_int4", rotate_v=False,
+             calibrated=False, query_dtype="fp16", scale=32 ** -0.5)
+
+
+def _synthetic_manifest(folder, **model_changes):
+    """A manifest in the `sawint4 aot` format (build_scripts/aot.py), with stand-in cubins."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def inputs(op, act="*fp16"):
+        types = {"key": act, "value": act, "query": act, "slot_mapping": "*i32", "pool": "*u8", "block_table": "*i32",
+                 "seq_lens": "*i32", "query_start_loc": "*i32"}
+        return [dict(name=n, kind="input", type=types.get(n, "*fp32")) for n in contract.op_def(op).input_names]
+
+    scalars = {"append": [("num_tokens", "key.shape[0]")], "decode": [("max_blocks", "block_table.shape[1]")],
+               "prefill": [("num_seqs", "block_table.shape[0]"), ("max_blocks", "block_table.shape[1]")]}
+    grids = {"append": ["cdiv(key.shape[0], 64)", "2", "1"], "decode": ["query.shape[0]", "2", "1"],
+             "prefill": ["cdiv(query.shape[0], 16) + block_table.shape[0]", "4", "1"]}
+    kernels = []
+    for op in ("append", "decode", "prefill"):
+        (folder / f"{op}.sm_90.cubin").write_bytes(b"\x7fELF" + op.encode())
+        out = dict(name="pool_out", kind="output", type="*u8", alias="pool") if op == "append" else \
+            dict(name="out", kind="output", type="*fp16", shape=["query.shape[0]", "query.shape[1]", "query.shape[2]"])
+        kernels.append(dict(op=op, target="sm_90", kernel_name=f"{op}_aot", cubin=f"{op}.sm_90.cubin",
+                            params=inputs(op) + [dict(name=n, kind="scalar", type="i32", value=v) for n, v in scalars[op]]
+                            + [out], grid=grids[op], block=[128, 1, 1], shared_bytes=4096, trailing_scratch_params=2,
+                            global_scratch_size=0, profile_scratch_size=0,
+                            limits={"block_table.shape[0]": 256} if op == "prefill" else {}))
+    model = dict(MODEL, **model_changes)
+    (folder / "manifest.json").write_text(json.dumps({"format": aot.MANIFEST_FORMAT, "model": model, "kernels": kernels}))
+    return folder
+
+
+def _aot_descs(trt, trtp, op, act="float16", n=5, b=3):
+    shapes = {"append": _append_shapes(n=n), "decode": [(b, 4, 32), (7, 2, 2, 320), (b, 6), (b,), (2, 32, 32), (32, 32)],
+              "prefill": [(n, 4, 32), (7, 2, 2, 320), (b, 6), (b,), (b + 1,), (2, 32, 32), (32, 32)]}[op]
+    op_def = contract.op_def(op)
+    dtypes = [act if t.dtype == "act" else t.dtype for t in op_def.inputs]
+    return _descs(trt, trtp, shapes, dtypes)
+
+
+def _node_attrs(op):
+    return append_attrs() if op == "append" else attn_attrs()
+
+
+def test_aot_impl_from_a_manifest(fake_trt, tmp_path):
     trt, trtp, registry = fake_trt
-    manifest = tmp_path / "aot.json"
-    manifest.write_text(json.dumps({"format": aot.MANIFEST_FORMAT, "version": aot.MANIFEST_VERSION, "kernels": {}}))
-    trt_defs.register_plugins(aot_manifest=manifest)
+    folder = _synthetic_manifest(tmp_path / "aot")
+    trt_defs.register_plugins(aot_manifest=folder)
     assert set(registry["aot_impl"]) == {op.qualified_name for op in contract.OPS.values()}
-    descs = _descs(trt, trtp, _append_shapes(), ["float16", "float16", "int32", "uint8"] + ["float32"] * 3)
-    with pytest.raises(NotImplementedError, match="ahead-of-time implementation is not written yet"):
-        registry["aot_impl"]["saw_int4::append"](*descs, **append_attrs(), outputs=(descs[3],), tactic=0)
-    bad = tmp_path / "bad.json"
-    bad.write_text("{}")
-    with pytest.raises(ValueError, match="not a sawint4-aot"):
-        aot.load_manifest(bad)
+    expect = {"append": ([5], (1, 2, 1)), "decode": ([6], (3, 2, 1)), "prefill": ([3, 6], (4, 4, 1))}
+    for op in ("append", "decode", "prefill"):
+        descs = _aot_descs(trt, trtp, op)
+        name, cubin, launch, extra = registry["aot_impl"][f"saw_int4::{op}"](
+            *descs, **_node_attrs(op), outputs=(descs[0].like(),), tactic=0)
+        assert name == f"{op}_aot" and cubin == b"\x7fELF" + op.encode()
+        assert [_val(s.expr) for s in extra.items] == expect[op][0]
+        assert tuple(_val(g) for g in (launch.grid_x, launch.grid_y, launch.grid_z)) == expect[op][1]
+        assert (launch.block_x, launch.shared_mem) == (128, 4096)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(head_dim=64), "head_dim=32.*compiled for 64"),
+    (dict(scale=0.5), "scale"),
+    (dict(kv_format="int8"), "storage='int4'.*'int8'"),
+    (dict(query_dtype="bf16"), "query is float16 but the kernel takes"),
+])
+def test_aot_refuses_a_kernel_compiled_for_another_model(fake_trt, tmp_path, change, match):
+    trt, trtp, registry = fake_trt
+    folder = _synthetic_manifest(tmp_path / "aot", **change)
+    if "query_dtype" in change:  # the kernels' pointer types follow the model's dtype
+        m = json.loads((folder / "manifest.json").read_text())
+        for k in m["kernels"]:
+            for p in k["params"]:
+                p["type"] = p["type"].replace("fp16", "bf16")
+        (folder / "manifest.json").write_text(json.dumps(m))
+    trt_defs.register_plugins(aot_manifest=folder)
+    descs = _aot_descs(trt, trtp, "prefill")
+    with pytest.raises(aot.AotError, match=match):
+        registry["aot_impl"]["saw_int4::prefill"](*descs, **attn_attrs(), outputs=(descs[0],), tactic=0)
+
+
+def test_aot_manifest_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="sawint4 aot"):
-        aot.load_manifest(tmp_path / "missing.json")
+        aot.load_manifest(tmp_path / "missing")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("{}")
+    with pytest.raises(aot.AotError, match="not a sawint4-aot/1"):
+        aot.load_manifest(tmp_path / "bad")
+    m = aot.load_manifest(_synthetic_manifest(tmp_path / "ok") / "manifest.json")  # the file works too
+    assert m.targets() == ["sm_90"] and m.entry("decode")["kernel_name"] == "decode_aot"
+    with pytest.raises(aot.AotError, match="no 'decode' kernel for target sm_80"):
+        aot.load_manifest(tmp_path / "ok", target="sm_80").entry("decode")
+    assert aot.check_limits(m, {"prefill": {"block_table": (64, 8)}}) == []
+    assert "can reach 300" in aot.check_limits(m, {"prefill": {"block_table": (300, 8)}})[0]
 
 
-def test_aot_kernel_key():
-    k = aot.kernel_key("prefill", attn_attrs(has_v_matrix=1), "float16")
-    assert k == "prefill/float16/int4/fp16/D32/T16/H2_HQ4/tf-QV"
-    assert aot.kernel_key("append", append_attrs(has_k_matrix=0, storage="bf16"), "bfloat16") \
-        == "append/bfloat16/bf16/fp16/D32/T16/H2/tf-none"
+def test_aot_impl_with_real_artifacts(fake_trt, tmp_path):
+    """The `sawint4 aot` output itself (compiled on this CPU machine) drives the aot_impls."""
+    pytest.importorskip("triton")
+    from trtllm_sawint4.cli import main
+
+    out = tmp_path / "aot"
+    assert main(["aot", "--out", str(out), "--targets", "sm_90", "--head-dim", "32", "--num-heads", "4",
+                 "--num-kv-heads", "2", "--tokens-per-block", "16", "--query-dtype", "fp16"]) == 0
+    trt, trtp, registry = fake_trt
+    trt_defs.register_plugins(aot_manifest=out)
+    for op in ("append", "decode", "prefill"):
+        descs = _aot_descs(trt, trtp, op)
+        name, cubin, launch, extra = registry["aot_impl"][f"saw_int4::{op}"](
+            *descs, **_node_attrs(op), outputs=(descs[0].like(),), tactic=0)
+        assert cubin[:4] == b"\x7fELF" and isinstance(name, str) and name
+        assert all(_val(g) >= 1 for g in (launch.grid_x, launch.grid_y, launch.grid_z))
+        assert launch.block_x % 32 == 0
 
 
 def test_bf16_buffers_bypass_trtp_cuda_array_interface():

@@ -124,3 +124,24 @@ def test_profiles(rewritten):
         build.profile_shapes(odd, build.dim_ranges(limits))
     with pytest.raises(ValueError, match="expected NAME=MIN:OPT:MAX"):
         build.parse_profile_arg("seq=1:2")
+
+
+def test_aot_limits_are_checked_against_the_profile(tmp_path, capsys, monkeypatch):
+    import json
+
+    from trtllm_sawint4.plugins import aot
+
+    src = tmp_path / "attn.onnx"
+    onnx.save(_attention_model(), str(src))
+    out = tmp_path / "aot.onnx"
+    insert.insert_file(src, out, insert.InsertOptions(aot=True))
+    folder = tmp_path / "kernels"
+    folder.mkdir()
+    entry = dict(target="sm_90", kernel_name="k", cubin="k.cubin", params=[], grid=["1", "1", "1"], block=[128, 1, 1],
+                 shared_bytes=0)
+    kernels = [dict(entry, op="append"), dict(entry, op="prefill", limits={"block_table.shape[0]": 16})]
+    (folder / "manifest.json").write_text(json.dumps({"format": aot.MANIFEST_FORMAT, "model": {}, "kernels": kernels}))
+    assert main(["build", str(out), "--aot-manifest", str(folder), "--max-seqs", "64"]) == 2
+    assert "block_table.shape[0] can reach 64 but the AOT kernel covers at most 16" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # within the limits: on to TensorRT (missing here)
+    assert main(["build", str(out), "--aot-manifest", str(folder), "--max-seqs", "16"]) == build.EXIT_NO_TENSORRT

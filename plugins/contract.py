@@ -233,11 +233,14 @@ def output_dtypes(op: str | OpDef, input_dtypes: Sequence[str]) -> list[str]:
     return [act if o.dtype == "act" else o.dtype for o in op.outputs]
 
 
-def type_combination(op: str | OpDef) -> str:
+def type_combination(op: str | OpDef, activation_dtypes: Sequence[str] = ACTIVATION_DTYPES) -> str:
     """The `trtp.AutoTuneCombination` type string: every input then every output, activations
-    dependently FP32|FP16|BF16, the rest fixed."""
+    dependently FP32|FP16|BF16 (or the given subset), the rest fixed."""
     op = op if isinstance(op, OpDef) else op_def(op)
-    act = "|".join(TRT_TYPE_NAMES[d] for d in ACTIVATION_DTYPES)
+    bad = [d for d in activation_dtypes if d not in ACTIVATION_DTYPES]
+    if bad or not activation_dtypes:
+        raise ContractError(f"activation dtypes must be a non-empty subset of {ACTIVATION_DTYPES}, got {activation_dtypes}")
+    act = "|".join(TRT_TYPE_NAMES[d] for d in activation_dtypes)
     return ", ".join(act if t.dtype == "act" else TRT_TYPE_NAMES[t.dtype] for t in (*op.inputs, *op.outputs))
 
 

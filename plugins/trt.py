@@ -134,8 +134,12 @@ def _run(trt, op, tensors, attrs, outputs, stream) -> None:
         out.copy_(contract.torch_call(op, ins, attrs))
 
 
-def _combination(trtp, op):
-    return [trtp.AutoTuneCombination(contract.type_combination(op), "LINEAR")]
+def _combination(trtp, op, manifest):
+    """JIT: any activation dtype. AOT: only the one the kernels were compiled for."""
+    acts = contract.ACTIVATION_DTYPES
+    if manifest is not None:
+        acts = (aot.expected_model_attrs(manifest.model)["activation_dtype"],)
+    return [trtp.AutoTuneCombination(contract.type_combination(op, acts), "LINEAR")]
 
 
 # ---- the definitions --------------------------------------------------------------------------
@@ -157,7 +161,7 @@ def _define(trt, trtp, manifest) -> None:  # noqa: C901 (one block per op, kept 
     @trtp.autotune(A.qualified_name)
     def append_tune(key: TD, value: TD, slot_mapping: TD, pool: TD, k_matrix: TD, k_bias: TD, v_matrix: TD,
                     outputs: Tuple[TD]) -> List[trtp.AutoTuneCombination]:
-        return _combination(trtp, A)
+        return _combination(trtp, A, manifest)
 
     @trtp.impl(A.qualified_name)
     def append_impl(key: T, value: T, slot_mapping: T, pool: T, k_matrix: T, k_bias: T, v_matrix: T,
@@ -182,7 +186,7 @@ def _define(trt, trtp, manifest) -> None:  # noqa: C901 (one block per op, kept 
     @trtp.autotune(P.qualified_name)
     def prefill_tune(query: TD, pool: TD, block_table: TD, seq_lens: TD, query_start_loc: TD, q_matrix: TD,
                      v_matrix: TD, outputs: Tuple[TD]) -> List[trtp.AutoTuneCombination]:
-        return _combination(trtp, P)
+        return _combination(trtp, P, manifest)
 
     @trtp.impl(P.qualified_name)
     def prefill_impl(query: T, pool: T, block_table: T, seq_lens: T, query_start_loc: T, q_matrix: T,
@@ -208,7 +212,7 @@ def _define(trt, trtp, manifest) -> None:  # noqa: C901 (one block per op, kept 
     @trtp.autotune(D.qualified_name)
     def decode_tune(query: TD, pool: TD, block_table: TD, seq_lens: TD, q_matrix: TD, v_matrix: TD,
                     outputs: Tuple[TD]) -> List[trtp.AutoTuneCombination]:
-        return _combination(trtp, D)
+        return _combination(trtp, D, manifest)
 
     @trtp.impl(D.qualified_name)
     def decode_impl(query: T, pool: T, block_table: T, seq_lens: T, q_matrix: T, v_matrix: T, num_heads: int,

@@ -111,6 +111,12 @@ def test_dtype_rules():
         contract.output_dtypes("decode", [f32])
 
 
+def test_type_combination_subset():
+    assert contract.type_combination("decode", ["bfloat16"]).startswith("BF16, UINT8")
+    with pytest.raises(contract.ContractError, match="subset"):
+        contract.type_combination("decode", ["int8"])
+
+
 def test_type_combination_strings():
     assert contract.type_combination("append") == \
         "FP32|FP16|BF16, FP32|FP16|BF16, INT32, UINT8, FP32, FP32, FP32, UINT8"
@@ -487,6 +493,8 @@ def test_aot_impl_from_a_manifest(fake_trt, tmp_path):
         assert [_val(s.expr) for s in extra.items] == expect[op][0]
         assert tuple(_val(g) for g in (launch.grid_x, launch.grid_y, launch.grid_z)) == expect[op][1]
         assert (launch.block_x, launch.shared_mem) == (128, 4096)
+        tune = registry["autotune"][f"saw_int4::{op}"](*descs, outputs=(descs[0],))
+        assert "FP16" in tune[0].io_types and "FP32|" not in tune[0].io_types and "BF16" not in tune[0].io_types
 
 
 @pytest.mark.parametrize("change, match", [

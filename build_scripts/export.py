@@ -54,21 +54,19 @@ def small_llama(*, layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32, inter
     return model
 
 
-class _LogitsOnly:
-    """Wraps a causal LM as forward(input_ids, position_ids) -> logits (no cache, no mask)."""
+def _logits_only(model):
+    """forward(input_ids, position_ids) -> logits of a causal LM (no cache, no mask), for export."""
+    import torch
 
-    def __new__(cls, model):
-        import torch
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
 
-        class Wrapper(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
+        def forward(self, input_ids, position_ids):
+            return self.m(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
-            def forward(self, input_ids, position_ids):
-                return self.m(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-
-        return Wrapper(model).eval()
+    return LogitsOnly(model).eval()
 
 
 def export_model(model, path, *, example_batch=2, example_seq=8, opset=23) -> Path:
@@ -89,7 +87,7 @@ def export_model(model, path, *, example_batch=2, example_seq=8, opset=23) -> Pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            _LogitsOnly(model), (ids, pos), dynamo=True, opset_version=opset, verbose=False,
+            _logits_only(model), (ids, pos), dynamo=True, opset_version=opset, verbose=False,
             input_names=["input_ids", "position_ids"], output_names=["logits"],
             dynamic_shapes={"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}})
     program.save(str(path))

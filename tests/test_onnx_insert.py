@@ -106,6 +106,20 @@ def test_rewrite_structure_and_input_unchanged(model_path, tmp_path):
     assert insert.read_metadata(m)["region_bytes"] == 320
 
 
+def test_cli(model_path, tmp_path, capsys):
+    from trtllm_sawint4.cli import main
+
+    out = tmp_path / "cli.onnx"
+    assert main(["insert", str(model_path), str(out), "--kv-format", "int8", "--tokens-per-block", "32",
+                 "--mode", "decode", "--aot"]) == 0
+    assert "rewrote 2 attention layer(s)" in capsys.readouterr().out
+    m = onnx.load(str(out))
+    assert [n.op_type for n in m.graph.node if n.domain == contract.TRT_DOMAIN] == ["append", "decode"] * 2
+    assert "query_start_loc" not in {i.name for i in m.graph.input}
+    meta = insert.read_metadata(m)
+    assert meta["aot"] == 1 and meta["mode"] == "decode" and meta["spec"]["kv_format"] == "int8"
+
+
 def test_refuses_to_overwrite_input(model_path):
     with pytest.raises(insert.InsertError, match="never overwritten"):
         insert.insert_file(model_path, model_path)

@@ -372,8 +372,11 @@ def insert(model, opts: InsertOptions | None = None):
     if opts.calibration:
         from trtllm_sawint4.calibration import ChannelCalibration
 
-        calibration = ChannelCalibration.load(opts.calibration)
-        calibration.check_matches(spec, len(layers))
+        try:
+            calibration = ChannelCalibration.load(opts.calibration)
+            calibration.check_matches(spec, len(layers))
+        except (OSError, ValueError) as e:
+            raise InsertError(f"--calibration {opts.calibration}: {e}") from e
     act_dtypes = {np.dtype(a.dtype).name if a.dtype is not None else None for a in layers}
     if opts.ort and act_dtypes - {"float32", None}:
         raise InsertError(f"--ort: the onnxruntime Python ops take float32 activations, the graph has {act_dtypes}")

@@ -162,6 +162,28 @@ def test_chunked_prefill_and_decode_continue_the_cache(kv_format, reference, rew
     assert rel_err(whole, ref) < TOLERANCE[kv_format]
 
 
+def test_calibration_folds_into_the_transforms(model_path, reference, tmp_path):
+    import torch
+
+    from trtllm_sawint4.calibration import ChannelCalibration
+
+    g = torch.Generator().manual_seed(0)
+    keys = [torch.randn(64, 2, 32, generator=g) * 0.5 + 0.3 for _ in range(2)]
+    cal = tmp_path / "cal.pt"
+    ChannelCalibration.from_keys(keys, source="test").save(cal)
+    out = tmp_path / "cal.onnx"
+    insert.insert_file(model_path, out, insert.InsertOptions(kv_format="saw_int4", ort=True, calibration=str(cal)))
+    appends = [n for n in onnx.load(str(out)).graph.node if n.op_type == "append"]
+    assert all({a.name: a.i for a in n.attribute}["has_k_bias"] == 1 for n in appends)
+    run = ort_ops.PagedSession(out, num_blocks=8)
+    (toks,) = prompts([16], seed=5)
+    s = run.add_sequence()
+    assert rel_err(run.step({s: toks})[s], reference(toks)) < TOLERANCE["saw_int4"]
+    ChannelCalibration.from_keys(keys[:1]).save(cal)  # one layer for a two-layer model
+    with pytest.raises(insert.InsertError, match="--calibration.*num_layers"):
+        insert.insert_file(model_path, tmp_path / "bad.onnx", insert.InsertOptions(calibration=str(cal)))
+
+
 def test_decode_mode_graph(reference, rewritten):
     """--mode decode: the decode plugin, no query_start_loc input."""
     prefill = ort_ops.PagedSession(rewritten("bf16"), num_blocks=8)

@@ -109,3 +109,61 @@ def _to_bf16_rne(x):
     r = tl.where(x != x, u | 0x400000, r)  # nan stays a (quiet) nan
     hi = r >> 16
     return hi.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _transform_rows(row_ptr, rmask, m_ptr, TRANS: tl.constexpr, D: tl.constexpr, KC: tl.constexpr,
+                    PREC: tl.constexpr):
+    """Rows x ([M] pointers to D contiguous values in global memory) times B (B = M^T if TRANS else M,
+    M fp32 row-major [D, D]), returned in halves [M, D/2] fp32. Chunked over the reduction (KC at a
+    time, a loop, not unrolled) so that few registers are live."""
+    HALF: tl.constexpr = D // 2
+    i = tl.arange(0, HALF)[None, :]
+    y_lo = tl.zeros([row_ptr.shape[0], HALF], tl.float32)
+    y_hi = tl.zeros([row_ptr.shape[0], HALF], tl.float32)
+    for j0 in range(0, D, KC):
+        j = j0 + tl.arange(0, KC)
+        x = tl.load(row_ptr[:, None] + j[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        if TRANS:
+            off = i * D + j[:, None]
+            ih: tl.constexpr = HALF * D
+        else:
+            off = j[:, None] * D + i
+            ih: tl.constexpr = HALF
+        y_lo += _mm(x, tl.load(m_ptr + off), PREC)
+        y_hi += _mm(x, tl.load(m_ptr + off + ih), PREC)
+    return y_lo, y_hi
+
+
+@triton.jit
+def _unpack_int4_magic(c, FP16: tl.constexpr):
+    """uint8 codes -> (lo, hi) nibbles as bf16 128 + n (fp16: 1024 + n), four bytes per PTX block:
+    2 byte permutes, 2 shifts and 4 LOP3s for 8 values (no int->float conversion instructions)."""
+    if FP16:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1;
+            prmt.b32 t0, $4, 0, 0x4140;
+            prmt.b32 t1, $4, 0, 0x4342;
+            lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
+            shr.u32 t0, t0, 4;
+            shr.u32 t1, t1, 4;
+            lop3.b32 $2, t0, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 $3, t1, 0x000F000F, 0x64006400, 0xEA;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[c], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1;
+            prmt.b32 t0, $4, 0, 0x4140;
+            prmt.b32 t1, $4, 0, 0x4342;
+            lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xEA;
+            shr.u32 t0, t0, 4;
+            shr.u32 t1, t1, 4;
+            lop3.b32 $2, t0, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 $3, t1, 0x000F000F, 0x43004300, 0xEA;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[c], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)

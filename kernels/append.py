@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import STORAGE_CODE, _matmul_halves, _round_f16, _to_bf16_rne
+from ._common import STORAGE_CODE, _round_f16, _to_bf16_rne, _transform_rows
 
 
 @triton.jit
@@ -21,18 +21,20 @@ def _append_one(pool_ptr, x_ptr, stride_n, stride_h, m_ptr, m_stride_h, b_ptr, r
                 PREC: tl.constexpr):
     HALF: tl.constexpr = D // 2
     cols = tl.arange(0, HALF)
-    xb = x_ptr + rows.to(tl.int64)[:, None] * stride_n + h * stride_h + cols[None, :]
-    y_lo = tl.load(xb, mask=rmask[:, None], other=0.0).to(tl.float32)
-    y_hi = tl.load(xb + HALF, mask=rmask[:, None], other=0.0).to(tl.float32)
+    xrow = x_ptr + rows.to(tl.int64) * stride_n + h * stride_h
     if HAS_M:
-        y_lo, y_hi = _matmul_halves(y_lo, y_hi, m_ptr + h * m_stride_h, True, D, PREC)
+        y_lo, y_hi = _transform_rows(xrow, rmask, m_ptr + h * m_stride_h, True, D, 16, PREC)
+    else:
+        xb = xrow[:, None] + cols[None, :]
+        y_lo = tl.load(xb, mask=rmask[:, None], other=0.0).to(tl.float32)
+        y_hi = tl.load(xb + HALF, mask=rmask[:, None], other=0.0).to(tl.float32)
     if HAS_B:
         bb = b_ptr + h * D + cols
         y_lo = y_lo + tl.load(bb)[None, :]
         y_hi = y_hi + tl.load(bb + HALF)[None, :]
     base = ((blk * 2 + KV) * H + h) * R  # int64 [BLOCK_N]
     if STORAGE == 0:  # bf16: plain copy
-        p = (pool_ptr + base[:, None] + row[:, None] * (2 * D) + 2 * cols[None, :]).to(tl.pointer_type(tl.bfloat16))
+        p = pool_ptr.to(tl.pointer_type(tl.bfloat16)) + (base // 2 + row * D)[:, None] + cols[None, :]
         if PREC == 0:  # interpreter
             tl.store(p, _to_bf16_rne(y_lo), mask=rmask[:, None])
             tl.store(p + HALF, _to_bf16_rne(y_hi), mask=rmask[:, None])
@@ -63,7 +65,7 @@ def _append_one(pool_ptr, x_ptr, stride_n, stride_h, m_ptr, m_stride_h, b_ptr, r
         c_hi = tl.floor(tl.math.div_rn(y_hi - mn[:, None], tl.broadcast_to(safe[:, None], y_hi.shape)) + 0.5)
         c_lo = tl.where(pos[:, None], tl.minimum(tl.maximum(c_lo, 0.0), LEVELS), 0.0).to(tl.int32)
         c_hi = tl.where(pos[:, None], tl.minimum(tl.maximum(c_hi, 0.0), LEVELS), 0.0).to(tl.int32)
-        cp = pool_ptr + base[:, None] + row[:, None] * CB + cols[None, :]
+        cp = pool_ptr + (base + row * CB)[:, None] + cols[None, :]
         if STORAGE == 2:
             tl.store(cp, (c_lo | (c_hi << 4)).to(tl.uint8), mask=rmask[:, None])
         else:
@@ -73,11 +75,11 @@ def _append_one(pool_ptr, x_ptr, stride_n, stride_h, m_ptr, m_stride_h, b_ptr, r
         sc = tl.where(fin, sc, nan)
         mn = tl.where(fin, mn, nan)
         if META32:
-            sp = (pool_ptr + base + T * CB + row * 4).to(tl.pointer_type(tl.float32))
+            sp = pool_ptr.to(tl.pointer_type(tl.float32)) + ((base + T * CB) // 4 + row)
             tl.store(sp, sc, mask=rmask)
             tl.store(sp + T, mn, mask=rmask)
         else:
-            sp = (pool_ptr + base + T * CB + row * 2).to(tl.pointer_type(tl.float16))
+            sp = pool_ptr.to(tl.pointer_type(tl.float16)) + ((base + T * CB) // 2 + row)
             tl.store(sp, sc.to(tl.float16), mask=rmask)
             tl.store(sp + T, mn.to(tl.float16), mask=rmask)
 

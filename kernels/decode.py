@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import STORAGE_CODE, _matmul_halves
+from ._common import STORAGE_CODE, _matmul_halves, _transform_rows, _unpack_int4_magic
 
 LOG2E = 1.4426950408889634
 
@@ -27,11 +27,17 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _load_kv_tile(pool_ptr, base, row, tmask, H: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
                   R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, DT: tl.constexpr):
-    """Codes (or bf16 values) of BLOCK_N tokens as halves [BLOCK_N, D/2] in DT, plus scale/min [BLOCK_N] fp32."""
+    """One K or V tile of BLOCK_N tokens (region byte offsets `base`, rows `row`).
+
+    Returns the halves [BLOCK_N, D/2] in DT and per-token (scale, offset) [BLOCK_N] fp32 such that
+    the value is  lo/hi * scale + offset. INT4 codes come out as bf16 128 + c (fp16: 1024 + c) made
+    by bit operations alone (no int->float conversions, which run at a quarter of the ALU rate); the
+    offset absorbs the -128 * scale."""
     HALF: tl.constexpr = D // 2
     cols = tl.arange(0, HALF)
     if STORAGE == 0:
-        p = (pool_ptr + base[:, None] + row[:, None] * (2 * D) + 2 * cols[None, :]).to(tl.pointer_type(tl.bfloat16))
+        # element (not byte) offsets from one scalar cast of the pool pointer
+        p = pool_ptr.to(tl.pointer_type(tl.bfloat16)) + (base // 2 + row * D)[:, None] + cols[None, :]
         lo = tl.load(p, mask=tmask[:, None], other=0.0).to(DT)
         hi = tl.load(p + HALF, mask=tmask[:, None], other=0.0).to(DT)
         s = tl.zeros(row.shape, tl.float32)
@@ -39,20 +45,31 @@ def _load_kv_tile(pool_ptr, base, row, tmask, H: tl.constexpr, D: tl.constexpr, 
     else:
         if STORAGE == 2:
             CB: tl.constexpr = D // 2
-            c = tl.load(pool_ptr + base[:, None] + row[:, None] * CB + cols[None, :], mask=tmask[:, None], other=0)
-            lo = (c & 15).to(DT)
-            hi = (c >> 4).to(DT)
+            c = tl.load(pool_ptr + (base + row * CB)[:, None] + cols[None, :], mask=tmask[:, None], other=0)
+            if DT == tl.bfloat16:
+                OFF: tl.constexpr = 128.0
+                lo, hi = _unpack_int4_magic(c, False)
+            elif DT == tl.float16:
+                OFF: tl.constexpr = 1024.0
+                lo, hi = _unpack_int4_magic(c, True)
+            else:
+                OFF: tl.constexpr = 0.0
+                lo = (c & 15).to(DT)
+                hi = (c >> 4).to(DT)
         else:
             CB: tl.constexpr = D
-            cp = pool_ptr + base[:, None] + row[:, None] * CB + cols[None, :]
+            OFF: tl.constexpr = 0.0
+            cp = pool_ptr + (base + row * CB)[:, None] + cols[None, :]
             lo = tl.load(cp, mask=tmask[:, None], other=0).to(DT)
             hi = tl.load(cp + HALF, mask=tmask[:, None], other=0).to(DT)
         if META32:
-            sp = (pool_ptr + base + T * CB + row * 4).to(tl.pointer_type(tl.float32))
+            sp = pool_ptr.to(tl.pointer_type(tl.float32)) + ((base + T * CB) // 4 + row)
         else:
-            sp = (pool_ptr + base + T * CB + row * 2).to(tl.pointer_type(tl.float16))
+            sp = pool_ptr.to(tl.pointer_type(tl.float16)) + ((base + T * CB) // 2 + row)
         s = tl.load(sp, mask=tmask, other=0.0).to(tl.float32)
         m = tl.load(sp + T, mask=tmask, other=0.0).to(tl.float32)
+        if OFF != 0.0:
+            m = m - OFF * s
     return lo, hi, s, m
 
 
@@ -61,9 +78,10 @@ def _decode_kernel(q_ptr, pool_ptr, bt_ptr, sl_ptr, qm_ptr, vm_ptr, out_ptr, po_
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_bt, qk_scale, tiles_per_split,
                    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
                    R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
-                   HAS_VM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
+                   HAS_VM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
                    PREC: tl.constexpr):
     b = tl.program_id(0)
+    num_splits = tl.num_programs(2)
     h = tl.program_id(1)
     sp = tl.program_id(2)
     HALF: tl.constexpr = D // 2
@@ -72,11 +90,12 @@ def _decode_kernel(q_ptr, pool_ptr, bt_ptr, sl_ptr, qm_ptr, vm_ptr, out_ptr, po_
     gmask = g < G
     seq_len = tl.load(sl_ptr + b)
 
-    qp = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g)[:, None] * stride_qh + cols[None, :]
-    q_lo = tl.load(qp, mask=gmask[:, None], other=0.0).to(tl.float32)
-    q_hi = tl.load(qp + HALF, mask=gmask[:, None], other=0.0).to(tl.float32)
+    qrow = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh
     if HAS_QM:
-        q_lo, q_hi = _matmul_halves(q_lo, q_hi, qm_ptr + h * D * D, True, D, PREC)
+        q_lo, q_hi = _transform_rows(qrow, gmask, qm_ptr + h * D * D, True, D, 16, PREC)
+    else:
+        q_lo = tl.load(qrow[:, None] + cols[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        q_hi = tl.load(qrow[:, None] + HALF + cols[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
     q_lo = (q_lo * qk_scale).to(DT)
     q_hi = (q_hi * qk_scale).to(DT)
     qsum = tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1)
@@ -92,8 +111,12 @@ def _decode_kernel(q_ptr, pool_ptr, bt_ptr, sl_ptr, qm_ptr, vm_ptr, out_ptr, po_
     for t in range(t0, t1):
         tok = t * BLOCK_N + tl.arange(0, BLOCK_N)
         tmask = tok < seq_len
-        blk = tl.load(bt_row + tok // T, mask=tmask, other=0).to(tl.int64)
-        row = tok % T
+        if BLOCK_N <= T:  # the tile lies in one block: one block id, one contiguous region slice
+            blk = tl.load(bt_row + (t * BLOCK_N) // T).to(tl.int64)
+            row = (t * BLOCK_N) % T + tl.arange(0, BLOCK_N)
+        else:
+            blk = tl.load(bt_row + tok // T, mask=tmask, other=0).to(tl.int64)
+            row = tok % T
         kbase = (blk * 2 * H + h) * R
         k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT)
         v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT)
@@ -123,15 +146,13 @@ def _decode_kernel(q_ptr, pool_ptr, bt_ptr, sl_ptr, qm_ptr, vm_ptr, out_ptr, po_
     inv = tl.where(nz, 1.0 / tl.where(nz, l_i, 1.0), 0.0)
     o_lo = acc_lo * inv[:, None]
     o_hi = acc_hi * inv[:, None]
-    if NUM_SPLITS == 1:
-        if HAS_VM:
-            o_lo, o_hi = _matmul_halves(o_lo, o_hi, vm_ptr, False, D, PREC)
+    if not SPLIT:  # (with a V rotation the wrapper always splits: the reduce kernel rotates)
         op = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g)[:, None] * stride_oh + cols[None, :]
         tl.store(op, o_lo.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
         tl.store(op + HALF, o_hi.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
     else:
         lse = tl.where(nz, m_i + tl.log2(tl.where(nz, l_i, 1.0)), float("-inf"))
-        idx = (b * H + h) * NUM_SPLITS + sp
+        idx = (b * H + h) * num_splits + sp
         tl.store(pl_ptr + idx.to(tl.int64) * GP + g, lse)
         pp = po_ptr + (idx.to(tl.int64) * GP + g)[:, None] * D + cols[None, :]
         tl.store(pp, o_lo)
@@ -139,21 +160,21 @@ def _decode_kernel(q_ptr, pool_ptr, bt_ptr, sl_ptr, qm_ptr, vm_ptr, out_ptr, po_
 
 
 @triton.jit
-def _reduce_kernel(po_ptr, pl_ptr, vm_ptr, out_ptr, stride_ob, stride_oh,
+def _reduce_kernel(po_ptr, pl_ptr, vm_ptr, out_ptr, stride_ob, stride_oh, num_splits,
                    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                   HAS_VM: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr):
+                   HAS_VM: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     HALF: tl.constexpr = D // 2
     cols = tl.arange(0, HALF)
     g = tl.arange(0, GP)
     gmask = g < G
-    base = (b * H + h).to(tl.int64) * NUM_SPLITS
+    base = (b * H + h).to(tl.int64) * num_splits
     m = tl.full([GP], float("-inf"), tl.float32)
     l = tl.zeros([GP], tl.float32)
     acc_lo = tl.zeros([GP, HALF], tl.float32)
     acc_hi = tl.zeros([GP, HALF], tl.float32)
-    for s in range(NUM_SPLITS):
+    for s in range(num_splits):
         lse = tl.load(pl_ptr + (base + s) * GP + g)
         m_new = tl.maximum(m, lse)
         ok = m_new > float("-inf")
@@ -197,7 +218,7 @@ def _num_sms(device) -> int:
 
 
 #: Tunables (the bench/test scripts may override them).
-CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "waves": 2, "min_tiles_per_split": 2}
+CONFIG = {"block_n": 64, "num_warps": 8, "num_stages": 2, "waves": 2, "min_tiles_per_split": 2}
 
 
 def plan_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int, num_sms: int,
@@ -237,6 +258,8 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
         max_tiles = max(1, triton.cdiv(max_tokens, block_n))
         tps = triton.cdiv(max_tiles, max(1, num_splits))
         splits = triton.cdiv(max_tiles, tps)
+    if v_matrix is not None:
+        splits = max(splits, 2)  # an empty split is harmless
     if splits > 1:
         po = torch.empty((bsz, h, splits, gp, d), dtype=torch.float32, device=query.device)
         pl = torch.empty((bsz, h, splits, gp), dtype=torch.float32, device=query.device)
@@ -252,12 +275,12 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         float(scale) * LOG2E, tps,
         H=h, G=g, GP=gp, D=d, T=t, R=pool.shape[-1], STORAGE=STORAGE_CODE[storage], META32=meta_dtype == "fp32",
-        HAS_QM=q_matrix is not None, HAS_VM=v_matrix is not None, NUM_SPLITS=splits, BLOCK_N=block_n,
+        HAS_QM=q_matrix is not None, HAS_VM=v_matrix is not None, SPLIT=splits > 1, BLOCK_N=block_n,
         DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
         _reduce_kernel[(bsz, h)](
-            po, pl, vm, out, out.stride(0), out.stride(1),
-            H=h, G=g, GP=gp, D=d, HAS_VM=v_matrix is not None, NUM_SPLITS=splits, PREC=prec, num_warps=4,
+            po, pl, vm, out, out.stride(0), out.stride(1), splits,
+            H=h, G=g, GP=gp, D=d, HAS_VM=v_matrix is not None, PREC=prec, num_warps=4,
         )
     return out

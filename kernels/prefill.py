@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import STORAGE_CODE, _matmul_halves
+from ._common import STORAGE_CODE, _transform_rows
 from .decode import LOG2E, _dot_dtype, _load_kv_tile
 
 
@@ -26,8 +26,12 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, bt_row, 
                   STORAGE: tl.constexpr, META32: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr):
     tok = n0 + tl.arange(0, BLOCK_N)
     tmask = tok < seq_len
-    blk = tl.load(bt_row + tok // T, mask=tmask, other=0).to(tl.int64)
-    row = tok % T
+    if BLOCK_N <= T:  # the tile lies in one block
+        blk = tl.load(bt_row + n0 // T).to(tl.int64)
+        row = n0 % T + tl.arange(0, BLOCK_N)
+    else:
+        blk = tl.load(bt_row + tok // T, mask=tmask, other=0).to(tl.int64)
+        row = tok % T
     kbase = (blk * 2 * H + h) * R
     k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT)
     v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT)
@@ -57,7 +61,7 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, bt_row, 
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, pool_ptr, bt_ptr, sl_ptr, qsl_ptr, qm_ptr, vm_ptr, out_ptr,
+def _prefill_kernel(q_ptr, pool_ptr, bt_ptr, sl_ptr, qsl_ptr, qm_ptr, vm_ptr, out_ptr, scratch_ptr,
                     stride_qn, stride_qh, stride_on, stride_oh, stride_bt, qk_scale, B,
                     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
                     STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr, HAS_VM: tl.constexpr,
@@ -88,11 +92,12 @@ def _prefill_kernel(q_ptr, pool_ptr, bt_ptr, sl_ptr, qsl_ptr, qm_ptr, vm_ptr, ou
     rmask = (i < q_len) & valid
     pos = seq_len - q_len + i
     qrow = (q_start + i).to(tl.int64)
-    qp = q_ptr + qrow[:, None] * stride_qn + hq * stride_qh + cols[None, :]
-    q_lo = tl.load(qp, mask=rmask[:, None], other=0.0).to(tl.float32)
-    q_hi = tl.load(qp + HALF, mask=rmask[:, None], other=0.0).to(tl.float32)
+    qr = q_ptr + qrow * stride_qn + hq * stride_qh
     if HAS_QM:
-        q_lo, q_hi = _matmul_halves(q_lo, q_hi, qm_ptr + h * D * D, True, D, PREC)
+        q_lo, q_hi = _transform_rows(qr, rmask, qm_ptr + h * D * D, True, D, 16, PREC)
+    else:
+        q_lo = tl.load(qr[:, None] + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        q_hi = tl.load(qr[:, None] + HALF + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
     q_lo = (q_lo * qk_scale).to(DT)
     q_hi = (q_hi * qk_scale).to(DT)
     qsum = tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1)
@@ -123,14 +128,22 @@ def _prefill_kernel(q_ptr, pool_ptr, bt_ptr, sl_ptr, qsl_ptr, qm_ptr, vm_ptr, ou
     o_lo = acc_lo * inv[:, None]
     o_hi = acc_hi * inv[:, None]
     if HAS_VM:
-        o_lo, o_hi = _matmul_halves(o_lo, o_hi, vm_ptr, False, D, PREC)
+        # o = o' @ V: stage o' (fp32) in this program's own rows of a scratch buffer, then multiply in
+        # chunks read back from it (keeps the [D, D] matrix out of registers)
+        sr = scratch_ptr + (qrow * (H * G) + hq) * D
+        tl.store(sr[:, None] + cols[None, :], o_lo, mask=rmask[:, None])
+        tl.store(sr[:, None] + HALF + cols[None, :], o_hi, mask=rmask[:, None])
+        tl.debug_barrier()
+        o_lo, o_hi = _transform_rows(sr, rmask, vm_ptr, False, D, 16, PREC)
     op = out_ptr + qrow[:, None] * stride_on + hq * stride_oh + cols[None, :]
     tl.store(op, o_lo.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
     tl.store(op + HALF, o_hi.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
-#: Tunables per head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)
-CONFIG = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2), 32: (128, 64, 4, 3)}
+#: Tunables per head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages); quantized storages / bf16 storage.
+#: (H200, Hq 32 / Hkv 8, prefix 8k + chunk 2k: see docs/kernels.md)
+CONFIG = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (64, 128, 4, 2), 256: (64, 32, 8, 2)}
+CONFIG_BF16 = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 128, 8, 2), 256: (64, 32, 8, 2)}
 
 
 def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, scale: float, storage: str,
@@ -150,16 +163,17 @@ def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_mat
     if query.stride(-1) != 1:
         query = query.contiguous()
     interp = pool.device.type == "cpu"
-    block_m, block_n, warps, stages = CONFIG[d]
+    block_m, block_n, warps, stages = (CONFIG_BF16 if storage == "bf16" else CONFIG)[d]
     if interp:
         block_m, block_n, warps, stages = 16, 16, 4, 1
     dt = _dot_dtype(query, storage, interp)
     dummy = seq_lens
     grid = (triton.cdiv(nq, block_m) + bsz, hq)
+    scratch = torch.empty((nq, hq, d), dtype=torch.float32, device=query.device) if v_matrix is not None else out
     _prefill_kernel[grid](
         query, pool, block_table, seq_lens, query_start_loc,
         q_matrix.contiguous() if q_matrix is not None else dummy,
-        v_matrix.contiguous() if v_matrix is not None else dummy, out,
+        v_matrix.contiguous() if v_matrix is not None else dummy, out, scratch,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         float(scale) * LOG2E, bsz,
         H=h, G=g, D=d, T=t, R=pool.shape[-1], STORAGE=STORAGE_CODE[storage], META32=meta_dtype == "fp32",

@@ -1,0 +1,231 @@
+"""The Triton kernels on a CUDA GPU against the reference ops at realistic shapes (`pytest -m gpu`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+from trtllm_sawint4.layout import pool_views  # noqa: E402
+from trtllm_sawint4.ops import reference as ref  # noqa: E402
+from trtllm_sawint4.quant import unpack_int4  # noqa: E402
+from trtllm_sawint4.spec import KVCacheSpec  # noqa: E402
+from trtllm_sawint4.transforms import build_layer_transform  # noqa: E402
+
+DEV = "cuda"
+
+
+@pytest.fixture(scope="module")
+def K():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from trtllm_sawint4 import kernels
+
+    if not kernels.HAVE_TRITON:
+        pytest.skip("needs triton")
+    return kernels
+
+
+def _spec(fmt, d, h, t, meta="fp16", rotate_v=False):
+    return KVCacheSpec(d, h, t, kv_format=fmt, metadata_dtype=meta, rotate_v=rotate_v if fmt == "saw_int4" else False)
+
+
+def _tf(spec, calibrated=False, seed=0):
+    if not calibrated:
+        return build_layer_transform(spec).to(DEV)
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(spec.num_kv_heads, spec.head_dim, generator=g)
+    scale = torch.rand(spec.num_kv_heads, spec.head_dim, generator=g) + 0.5
+    return build_layer_transform(spec, mean, scale).to(DEV)
+
+
+def _filled_pool(spec, tf, nb, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    pool = torch.zeros(spec.pool_shape(nb), dtype=torch.uint8, device=DEV)
+    n = nb * spec.tokens_per_block
+    k = torch.randn(n, spec.num_kv_heads, spec.head_dim, generator=g, device=DEV) * 2 + 0.3
+    v = torch.randn(n, spec.num_kv_heads, spec.head_dim, generator=g, device=DEV)
+    ref.append(pool, k, v, torch.arange(n, device=DEV), tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage,
+               spec.metadata_dtype)
+    return pool
+
+
+def _block_table(lens, t, nb, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-l // t) for l in lens]
+    assert sum(need) <= nb
+    perm = torch.randperm(nb, generator=g)
+    table = torch.full((len(lens), max(need + [1]) + 2), 2**30, dtype=torch.int32)
+    used = 0
+    for b, k in enumerate(need):
+        table[b, :k] = perm[used:used + k].int()
+        used += k
+    return table.to(DEV)
+
+
+def _close(got, want, tol=2e-2):
+    assert not torch.isnan(got).any()
+    err = (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-6)
+    assert err < tol, f"relative error {err:.3e}"
+    torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2)
+
+
+# ---------------------------------------------------------------------------------------------- append
+@pytest.mark.parametrize("fmt", ["saw_int4", "int4", "int8", "bf16"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("meta", ["fp16", "fp32"])
+def test_append(K, fmt, d, meta):
+    """Against the reference run on the CPU (the specification: exact IEEE division; torch on CUDA
+    divides by a Python scalar through a reciprocal, so the reference run on the GPU can differ)."""
+    if fmt == "bf16" and meta == "fp32":
+        pytest.skip("metadata applies to quantized formats")
+    torch.manual_seed(0)
+    h, t, nb, n = 8, 64, 200, 5000
+    spec = _spec(fmt, d, h, t, meta, rotate_v=True)
+    tf = _tf(spec, calibrated=fmt == "saw_int4" and d == 128)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        key = (torch.randn(n, h, d, device=DEV) * 3).to(dtype)
+        val = torch.randn(n, h, d, device=DEV).to(dtype)
+        key[7, 1] = 2.5  # constant vector
+        slots = torch.randperm(nb * t, device=DEV)[:n]
+        p_ker = torch.randint(0, 256, spec.pool_shape(nb), dtype=torch.uint8, device=DEV)
+        p_ref = p_ker.cpu()
+        args = (tf.k_matrix, tf.k_bias, tf.v_matrix) if fmt == "saw_int4" else (None, None, None)
+        ref.append(p_ref, key.cpu(), val.cpu(), slots.cpu(), *[a if a is None else a.cpu() for a in args],
+                   spec.storage, meta)
+        K.append(p_ker, key, val, slots, *args, spec.storage, meta)
+        p_ker = p_ker.cpu()
+        if fmt != "saw_int4":
+            if fmt == "bf16":
+                assert torch.equal(p_ref.view(torch.int16), p_ker.view(torch.int16)), f"{fmt} {dtype}"
+            else:
+                assert torch.equal(p_ref, p_ker), f"{fmt} {dtype} not bit-identical"
+            continue
+        vr, vk = pool_views(p_ref, d, "int4", meta), pool_views(p_ker, d, "int4", meta)
+        s = slots.cpu()
+        sel = lambda x: x[s // t, :, :, s % t]  # noqa: E731  written rows [n, 2, H, ...]
+        cr, ck = unpack_int4(sel(vr.codes)).int(), unpack_int4(sel(vk.codes)).int()
+        assert (cr - ck).abs().max() <= 1
+        frac = (cr != ck).float().mean()
+        assert frac < 2e-3, f"{dtype}: {frac:.2e} codes differ"
+        torch.testing.assert_close(sel(vr.scale).float(), sel(vk.scale).float(), rtol=2e-3, atol=1e-6)
+        torch.testing.assert_close(sel(vr.vmin).float(), sel(vk.vmin).float(), rtol=2e-3, atol=1e-5)
+        # rows nobody wrote are untouched
+        mask = torch.ones(nb * t, dtype=torch.bool)
+        mask[s] = False
+        untouched = lambda x: x.movedim(3, 1).reshape(nb * t, *x.movedim(3, 1).shape[2:])[mask]  # noqa: E731
+        assert torch.equal(untouched(vr.codes), untouched(vk.codes))
+
+
+# ---------------------------------------------------------------------------------------------- decode
+DECODE = [
+    # fmt, meta, d, h, group, t
+    ("saw_int4", "fp16", 128, 8, 4, 64),
+    ("saw_int4", "fp16", 128, 8, 8, 16),
+    ("saw_int4", "fp32", 64, 3, 3, 32),
+    ("saw_int4", "fp16", 256, 2, 2, 128),
+    ("saw_int4", "fp16", 128, 1, 16, 64),   # MQA
+    ("int4", "fp16", 128, 8, 1, 64),        # MHA
+    ("int4", "fp16", 64, 4, 5, 16),
+    ("int8", "fp16", 128, 8, 4, 32),
+    ("int8", "fp32", 256, 2, 6, 64),
+    ("bf16", "fp16", 128, 8, 4, 64),
+    ("bf16", "fp16", 64, 3, 3, 16),
+    ("bf16", "fp16", 256, 2, 7, 128),
+]
+
+
+@pytest.mark.parametrize("fmt,meta,d,h,group,t", DECODE)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode(K, fmt, meta, d, h, group, t, dtype):
+    torch.manual_seed(1)
+    lens = [0, 1, 700, 3001, 130, 4096, 65]
+    spec = _spec(fmt, d, h, t, meta, rotate_v=d != 256)
+    tf = _tf(spec, calibrated=fmt == "saw_int4" and d == 64)
+    nb = sum(-(-l // t) for l in lens) + 5
+    pool = _filled_pool(spec, tf, nb)
+    table = _block_table(lens, t, nb)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    q = torch.randn(len(lens), h * group, d, device=DEV).to(dtype)
+    scale = d ** -0.5
+    want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta)
+    for splits in (None, 1, 7):
+        got = K.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta, num_splits=splits)
+        assert got.dtype == dtype
+        assert torch.count_nonzero(got[0]) == 0
+        _close(got[1:], want[1:])
+
+
+def test_decode_cuda_graph(K):
+    """A decode step captured in a CUDA graph and replayed with new lengths/queries equals eager."""
+    torch.manual_seed(2)
+    spec = _spec("saw_int4", 128, 8, 64, rotate_v=True)
+    tf = _tf(spec)
+    b, mb = 16, 64
+    nb = b * mb
+    pool = _filled_pool(spec, tf, nb)
+    table = torch.randperm(nb, device=DEV).int().view(b, mb)
+    sl = torch.randint(1, mb * 64, (b,), dtype=torch.int32, device=DEV)
+    q = torch.randn(b, 32, 128, device=DEV, dtype=torch.bfloat16)
+    args = lambda: (q, pool, table, sl, tf.q_matrix, tf.v_matrix, 0.088, "int4", "fp16")  # noqa: E731
+    K.decode(*args())  # compile outside the capture
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        K.decode(*args())
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = K.decode(*args())
+    for _ in range(3):
+        sl.copy_(torch.randint(0, mb * 64, (b,), dtype=torch.int32, device=DEV))
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = K.decode(*args())
+        assert torch.equal(out, eager)
+        _close(out[sl > 0], ref.decode(*args())[sl > 0])
+
+
+# ---------------------------------------------------------------------------------------------- prefill
+PREFILL = [
+    ("saw_int4", "fp16", 128, 8, 4, 64),
+    ("saw_int4", "fp32", 64, 3, 3, 16),
+    ("saw_int4", "fp16", 256, 2, 2, 32),
+    ("int4", "fp16", 128, 4, 1, 128),
+    ("int8", "fp16", 64, 2, 8, 64),
+    ("bf16", "fp16", 128, 8, 4, 64),
+    ("bf16", "fp16", 256, 1, 4, 16),
+]
+
+
+@pytest.mark.parametrize("fmt,meta,d,h,group,t", PREFILL)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prefill(K, fmt, meta, d, h, group, t, dtype):
+    torch.manual_seed(3)
+    lens = [1000, 2500, 37, 0, 900]     # cached tokens after the append
+    q_lens = [1000, 300, 1, 0, 129]     # full prefill, chunked extend, decode-like, idle, extend
+    spec = _spec(fmt, d, h, t, meta, rotate_v=True)
+    tf = _tf(spec, calibrated=fmt == "saw_int4" and d == 128)
+    nb = sum(-(-l // t) for l in lens) + 3
+    pool = _filled_pool(spec, tf, nb)
+    table = _block_table(lens, t, nb)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(DEV)
+    q = torch.randn(int(qsl[-1]), h * group, d, device=DEV).to(dtype)
+    scale = d ** -0.5
+    want = ref.prefill(q, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta)
+    got = K.prefill(q, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta)
+    assert got.dtype == dtype
+    _close(got, want)
+
+
+def test_public_ops_dispatch_to_kernels(K):
+    from trtllm_sawint4.ops.dispatch import implementation
+
+    pool = torch.zeros(_spec("saw_int4", 128, 2, 64).pool_shape(2), dtype=torch.uint8, device=DEV)
+    assert implementation("decode", pool) is K.decode
+    assert implementation("append", pool) is K.append
+    assert implementation("prefill", pool) is K.prefill

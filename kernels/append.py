@@ -15,7 +15,7 @@ from ._common import STORAGE_CODE, _round_f16, _to_bf16_rne, _transform_rows
 
 
 @triton.jit
-def _append_one(pool_ptr, x_ptr, stride_n, stride_h, m_ptr, m_stride_h, b_ptr, rows, rmask, blk, row, h,
+def _append_one(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, x_ptr, stride_n, stride_h, m_ptr, m_stride_h, b_ptr, rows, rmask, blk, row, h,
                 KV: tl.constexpr, HAS_M: tl.constexpr, HAS_B: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                 T: tl.constexpr, R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr,
                 PREC: tl.constexpr):
@@ -34,7 +34,7 @@ def _append_one(pool_ptr, x_ptr, stride_n, stride_h, m_ptr, m_stride_h, b_ptr, r
         y_hi = y_hi + tl.load(bb + HALF)[None, :]
     base = ((blk * 2 + KV) * H + h) * R  # int64 [BLOCK_N]
     if STORAGE == 0:  # bf16: plain copy
-        p = pool_ptr.to(tl.pointer_type(tl.bfloat16)) + (base // 2 + row * D)[:, None] + cols[None, :]
+        p = poolb_ptr + (base // 2 + row * D)[:, None] + cols[None, :]
         if PREC == 0:  # interpreter
             tl.store(p, _to_bf16_rne(y_lo), mask=rmask[:, None])
             tl.store(p + HALF, _to_bf16_rne(y_hi), mask=rmask[:, None])
@@ -75,17 +75,17 @@ def _append_one(pool_ptr, x_ptr, stride_n, stride_h, m_ptr, m_stride_h, b_ptr, r
         sc = tl.where(fin, sc, nan)
         mn = tl.where(fin, mn, nan)
         if META32:
-            sp = pool_ptr.to(tl.pointer_type(tl.float32)) + ((base + T * CB) // 4 + row)
+            sp = poolf_ptr + ((base + T * CB) // 4 + row)
             tl.store(sp, sc, mask=rmask)
             tl.store(sp + T, mn, mask=rmask)
         else:
-            sp = pool_ptr.to(tl.pointer_type(tl.float16)) + ((base + T * CB) // 2 + row)
+            sp = poolh_ptr + ((base + T * CB) // 2 + row)
             tl.store(sp, sc.to(tl.float16), mask=rmask)
             tl.store(sp + T, mn.to(tl.float16), mask=rmask)
 
 
 @triton.jit
-def _append_kernel(pool_ptr, key_ptr, val_ptr, slot_ptr, km_ptr, kb_ptr, vm_ptr, N,
+def _append_kernel(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, key_ptr, val_ptr, slot_ptr, km_ptr, kb_ptr, vm_ptr, N,
                    stride_kn, stride_kh, stride_vn, stride_vh,
                    H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
                    STORAGE: tl.constexpr, META32: tl.constexpr, HAS_KM: tl.constexpr, HAS_KB: tl.constexpr,
@@ -97,9 +97,9 @@ def _append_kernel(pool_ptr, key_ptr, val_ptr, slot_ptr, km_ptr, kb_ptr, vm_ptr,
     slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
     blk = slot // T
     row = slot % T
-    _append_one(pool_ptr, key_ptr, stride_kn, stride_kh, km_ptr, D * D, kb_ptr, rows, rmask, blk, row, h,
+    _append_one(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, key_ptr, stride_kn, stride_kh, km_ptr, D * D, kb_ptr, rows, rmask, blk, row, h,
                 0, HAS_KM, HAS_KB, H, D, T, R, STORAGE, META32, PREC)
-    _append_one(pool_ptr, val_ptr, stride_vn, stride_vh, vm_ptr, 0, kb_ptr, rows, rmask, blk, row, h,
+    _append_one(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, val_ptr, stride_vn, stride_vh, vm_ptr, 0, kb_ptr, rows, rmask, blk, row, h,
                 1, HAS_VM, False, H, D, T, R, STORAGE, META32, PREC)
 
 
@@ -130,7 +130,7 @@ def append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage: 
         block_n = 16
     grid = (triton.cdiv(n, block_n), h)
     _append_kernel[grid](
-        pool, key, value, slot_mapping,
+        pool, pool.view(torch.bfloat16), pool.view(torch.float16), pool.view(torch.float32), key, value, slot_mapping,
         k_matrix.contiguous() if k_matrix is not None else dummy,
         k_bias.contiguous() if k_bias is not None else dummy,
         v_matrix.contiguous() if v_matrix is not None else dummy,

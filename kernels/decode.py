@@ -25,19 +25,29 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_kv_tile(pool_ptr, base, row, tmask, H: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
+def _code_offset(STORAGE: tl.constexpr, DT: tl.constexpr):
+    """The constant that _load_kv_tile's codes carry (128 or 1024 for INT4 in bf16/fp16, else 0)."""
+    if STORAGE == 2 and DT == tl.bfloat16:
+        return 128.0
+    elif STORAGE == 2 and DT == tl.float16:
+        return 1024.0
+    else:
+        return 0.0
+
+
+@triton.jit
+def _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, base, row, tmask, H: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
                   R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, DT: tl.constexpr):
     """One K or V tile of BLOCK_N tokens (region byte offsets `base`, rows `row`).
 
-    Returns the halves [BLOCK_N, D/2] in DT and per-token (scale, offset) [BLOCK_N] fp32 such that
-    the value is  lo/hi * scale + offset. INT4 codes come out as bf16 128 + c (fp16: 1024 + c) made
-    by bit operations alone (no int->float conversions, which run at a quarter of the ALU rate); the
-    offset absorbs the -128 * scale."""
+    Returns the halves [BLOCK_N, D/2] in DT and per-token (scale, min) [BLOCK_N] fp32. INT4 codes
+    come out as bf16 128 + c (fp16: 1024 + c; see _code_offset) made by bit operations alone (no
+    int->float conversion instructions, which run at a quarter of the ALU rate)."""
     HALF: tl.constexpr = D // 2
     cols = tl.arange(0, HALF)
     if STORAGE == 0:
         # element (not byte) offsets from one scalar cast of the pool pointer
-        p = pool_ptr.to(tl.pointer_type(tl.bfloat16)) + (base // 2 + row * D)[:, None] + cols[None, :]
+        p = poolb_ptr + (base // 2 + row * D)[:, None] + cols[None, :]
         lo = tl.load(p, mask=tmask[:, None], other=0.0).to(DT)
         hi = tl.load(p + HALF, mask=tmask[:, None], other=0.0).to(DT)
         s = tl.zeros(row.shape, tl.float32)
@@ -63,18 +73,16 @@ def _load_kv_tile(pool_ptr, base, row, tmask, H: tl.constexpr, D: tl.constexpr, 
             lo = tl.load(cp, mask=tmask[:, None], other=0).to(DT)
             hi = tl.load(cp + HALF, mask=tmask[:, None], other=0).to(DT)
         if META32:
-            sp = pool_ptr.to(tl.pointer_type(tl.float32)) + ((base + T * CB) // 4 + row)
+            sp = poolf_ptr + ((base + T * CB) // 4 + row)
         else:
-            sp = pool_ptr.to(tl.pointer_type(tl.float16)) + ((base + T * CB) // 2 + row)
+            sp = poolh_ptr + ((base + T * CB) // 2 + row)
         s = tl.load(sp, mask=tmask, other=0.0).to(tl.float32)
         m = tl.load(sp + T, mask=tmask, other=0.0).to(tl.float32)
-        if OFF != 0.0:
-            m = m - OFF * s
     return lo, hi, s, m
 
 
 @triton.jit
-def _decode_kernel(q_ptr, pool_ptr, bt_ptr, sl_ptr, qm_ptr, vm_ptr, out_ptr, po_ptr, pl_ptr,
+def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr, vm_ptr, out_ptr, po_ptr, pl_ptr,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_bt, qk_scale, tiles_per_split,
                    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
                    R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
@@ -118,20 +126,23 @@ def _decode_kernel(q_ptr, pool_ptr, bt_ptr, sl_ptr, qm_ptr, vm_ptr, out_ptr, po_
             blk = tl.load(bt_row + tok // T, mask=tmask, other=0).to(tl.int64)
             row = tok % T
         kbase = (blk * 2 * H + h) * R
-        k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT)
-        v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT)
+        k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT)
+        v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT)
+        off = _code_offset(STORAGE, DT)
         s = tl.dot(q_lo, tl.trans(k_lo))
         s = tl.dot(q_hi, tl.trans(k_hi), s)
         if STORAGE != 0:
-            s = s * ks[None, :] + qsum[:, None] * km[None, :]
+            # q.(c + off) * s + (m - off * s) * sum(q): q is rounded once, so off cancels exactly
+            s = s * ks[None, :] + qsum[:, None] * (km - off * ks)[None, :]
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if STORAGE != 0:
-            pm = tl.sum(p * vmn[None, :], 1)
             pd = (p * vs[None, :]).to(DT)
+            # (p*s rounded) @ (c + off) - off * sum(p*s rounded) + p . m
+            pm = tl.sum(p * vmn[None, :], 1) - off * tl.sum(pd.to(tl.float32), 1)
             acc_lo = acc_lo * alpha[:, None] + pm[:, None]
             acc_hi = acc_hi * alpha[:, None] + pm[:, None]
         else:
@@ -197,6 +208,12 @@ def _reduce_kernel(po_ptr, pl_ptr, vm_ptr, out_ptr, stride_ob, stride_oh, num_sp
     tl.store(op + HALF, o_hi.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
 
 
+def _pool_views(pool):
+    """The pool as uint8, bf16, fp16 and fp32 (typed views for element-offset addressing: the
+    kernels never cast pointers; every region is a multiple of 4 bytes)."""
+    return pool, pool.view(torch.bfloat16), pool.view(torch.float16), pool.view(torch.float32)
+
+
 def _dot_dtype(query, storage, interp):
     if interp:
         return tl.float32
@@ -218,7 +235,7 @@ def _num_sms(device) -> int:
 
 
 #: Tunables (the bench/test scripts may override them).
-CONFIG = {"block_n": 64, "num_warps": 8, "num_stages": 2, "waves": 2, "min_tiles_per_split": 2}
+CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3, "waves": 2, "min_tiles_per_split": 2}
 
 
 def plan_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int, num_sms: int,
@@ -271,7 +288,7 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
     qm = q_matrix.contiguous() if q_matrix is not None else dummy
     vm = v_matrix.contiguous() if v_matrix is not None else dummy
     _decode_kernel[(bsz, h, splits)](
-        query, pool, block_table, seq_lens, qm, vm, out, po, pl,
+        query, *_pool_views(pool), block_table, seq_lens, qm, vm, out, po, pl,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         float(scale) * LOG2E, tps,
         H=h, G=g, GP=gp, D=d, T=t, R=pool.shape[-1], STORAGE=STORAGE_CODE[storage], META32=meta_dtype == "fp32",

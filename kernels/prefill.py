@@ -17,11 +17,11 @@ import triton
 import triton.language as tl
 
 from ._common import STORAGE_CODE, _transform_rows
-from .decode import LOG2E, _dot_dtype, _load_kv_tile
+from .decode import LOG2E, _code_offset, _dot_dtype, _load_kv_tile, _pool_views
 
 
 @triton.jit
-def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, bt_row, h, n0, pos, seq_len,
+def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_row, h, n0, pos, seq_len,
                   MASK: tl.constexpr, H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
                   STORAGE: tl.constexpr, META32: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr):
     tok = n0 + tl.arange(0, BLOCK_N)
@@ -33,12 +33,13 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, bt_row, 
         blk = tl.load(bt_row + tok // T, mask=tmask, other=0).to(tl.int64)
         row = tok % T
     kbase = (blk * 2 * H + h) * R
-    k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT)
-    v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT)
+    k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT)
+    v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT)
+    off = _code_offset(STORAGE, DT)
     s = tl.dot(q_lo, tl.trans(k_lo))
     s = tl.dot(q_hi, tl.trans(k_hi), s)
     if STORAGE != 0:
-        s = s * ks[None, :] + qsum[:, None] * km[None, :]
+        s = s * ks[None, :] + qsum[:, None] * (km - off * ks)[None, :]
     if MASK:
         s = tl.where((tok[None, :] <= pos[:, None]) & tmask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -47,8 +48,8 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, bt_row, 
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if STORAGE != 0:
-        pm = tl.sum(p * vmn[None, :], 1)
         pd = (p * vs[None, :]).to(DT)
+        pm = tl.sum(p * vmn[None, :], 1) - off * tl.sum(pd.to(tl.float32), 1)
         acc_lo = acc_lo * alpha[:, None] + pm[:, None]
         acc_hi = acc_hi * alpha[:, None] + pm[:, None]
     else:
@@ -61,7 +62,7 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, bt_row, 
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, pool_ptr, bt_ptr, sl_ptr, qsl_ptr, qm_ptr, vm_ptr, out_ptr, scratch_ptr,
+def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_ptr, qm_ptr, vm_ptr, out_ptr, scratch_ptr,
                     stride_qn, stride_qh, stride_on, stride_oh, stride_bt, qk_scale, B,
                     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
                     STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr, HAS_VM: tl.constexpr,
@@ -115,11 +116,11 @@ def _prefill_kernel(q_ptr, pool_ptr, bt_ptr, sl_ptr, qsl_ptr, qm_ptr, vm_ptr, ou
     n_full = tl.where(valid, (pos_first + 1) // BLOCK_N, 0)
     n_full = tl.minimum(n_full, tl.cdiv(kv_end, BLOCK_N))
     for n in range(0, n_full):
-        m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, bt_row,
+        m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_row,
                                                  h, n * BLOCK_N, pos, seq_len, False, H, D, T, R, STORAGE,
                                                  META32, BLOCK_N, DT)
     for n in range(n_full, tl.cdiv(kv_end, BLOCK_N)):
-        m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, bt_row,
+        m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_row,
                                                  h, n * BLOCK_N, pos, seq_len, True, H, D, T, R, STORAGE,
                                                  META32, BLOCK_N, DT)
 
@@ -142,7 +143,7 @@ def _prefill_kernel(q_ptr, pool_ptr, bt_ptr, sl_ptr, qsl_ptr, qm_ptr, vm_ptr, ou
 
 #: Tunables per head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages); quantized storages / bf16 storage.
 #: (H200, Hq 32 / Hkv 8, prefix 8k + chunk 2k: see docs/kernels.md)
-CONFIG = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (64, 128, 4, 2), 256: (64, 32, 8, 2)}
+CONFIG = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 8, 2)}
 CONFIG_BF16 = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 128, 8, 2), 256: (64, 32, 8, 2)}
 
 
@@ -171,7 +172,7 @@ def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_mat
     grid = (triton.cdiv(nq, block_m) + bsz, hq)
     scratch = torch.empty((nq, hq, d), dtype=torch.float32, device=query.device) if v_matrix is not None else out
     _prefill_kernel[grid](
-        query, pool, block_table, seq_lens, query_start_loc,
+        query, *_pool_views(pool), block_table, seq_lens, query_start_loc,
         q_matrix.contiguous() if q_matrix is not None else dummy,
         v_matrix.contiguous() if v_matrix is not None else dummy, out, scratch,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),

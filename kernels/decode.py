@@ -36,8 +36,9 @@ def _code_offset(STORAGE: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, base, row, tmask, H: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
-                  R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, DT: tl.constexpr):
+def _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, base, row, tmask, H: tl.constexpr, D: tl.constexpr,
+                  T: tl.constexpr, R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, DT: tl.constexpr,
+                  ASM: tl.constexpr = True):
     """One K or V tile of BLOCK_N tokens (region byte offsets `base`, rows `row`).
 
     Returns the halves [BLOCK_N, D/2] in DT and per-token (scale, min) [BLOCK_N] fp32. INT4 codes
@@ -56,19 +57,17 @@ def _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, base, row, tmask, H
         if STORAGE == 2:
             CB: tl.constexpr = D // 2
             c = tl.load(pool_ptr + (base + row * CB)[:, None] + cols[None, :], mask=tmask[:, None], other=0)
-            if DT == tl.bfloat16:
-                OFF: tl.constexpr = 128.0
-                lo, hi = _unpack_int4_magic(c, False)
-            elif DT == tl.float16:
-                OFF: tl.constexpr = 1024.0
-                lo, hi = _unpack_int4_magic(c, True)
+            if (DT == tl.bfloat16 or DT == tl.float16) and ASM:
+                lo, hi = _unpack_int4_magic(c, DT == tl.float16)
+            elif DT == tl.bfloat16 or DT == tl.float16:  # same values by plain bit operations (interpreter)
+                magic: tl.constexpr = 0x6400 if DT == tl.float16 else 0x4300
+                lo = ((c & 15).to(tl.int16) | magic).to(DT, bitcast=True)
+                hi = ((c >> 4).to(tl.int16) | magic).to(DT, bitcast=True)
             else:
-                OFF: tl.constexpr = 0.0
                 lo = (c & 15).to(DT)
                 hi = (c >> 4).to(DT)
         else:
             CB: tl.constexpr = D
-            OFF: tl.constexpr = 0.0
             cp = pool_ptr + (base + row * CB)[:, None] + cols[None, :]
             lo = tl.load(cp, mask=tmask[:, None], other=0).to(DT)
             hi = tl.load(cp + HALF, mask=tmask[:, None], other=0).to(DT)
@@ -126,8 +125,8 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_ptr, sl_
             blk = tl.load(bt_row + tok // T, mask=tmask, other=0).to(tl.int64)
             row = tok % T
         kbase = (blk * 2 * H + h) * R
-        k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT)
-        v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT)
+        k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT, PREC != 0)
+        v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT, PREC != 0)
         off = _code_offset(STORAGE, DT)
         s = tl.dot(q_lo, tl.trans(k_lo))
         s = tl.dot(q_hi, tl.trans(k_hi), s)
@@ -214,9 +213,14 @@ def _pool_views(pool):
     return pool, pool.view(torch.bfloat16), pool.view(torch.float16), pool.view(torch.float32)
 
 
+#: Dot operand dtype under the interpreter (tests may set tl.float16 to check the INT4 code-offset
+#: algebra of the GPU path; the interpreter's bf16 dot is wrong).
+INTERP_DOT_DTYPE = None
+
+
 def _dot_dtype(query, storage, interp):
     if interp:
-        return tl.float32
+        return INTERP_DOT_DTYPE if INTERP_DOT_DTYPE is not None and storage != "bf16" else tl.float32
     if storage == "bf16" or query.dtype != torch.float16:
         return tl.bfloat16
     return tl.float16

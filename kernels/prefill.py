@@ -23,7 +23,8 @@ from .decode import LOG2E, _code_offset, _dot_dtype, _load_kv_tile, _pool_views
 @triton.jit
 def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_row, h, n0, pos, seq_len,
                   MASK: tl.constexpr, H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
-                  STORAGE: tl.constexpr, META32: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr):
+                  STORAGE: tl.constexpr, META32: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
+                  ASM: tl.constexpr):
     tok = n0 + tl.arange(0, BLOCK_N)
     tmask = tok < seq_len
     if BLOCK_N <= T:  # the tile lies in one block
@@ -33,8 +34,8 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_pt
         blk = tl.load(bt_row + tok // T, mask=tmask, other=0).to(tl.int64)
         row = tok % T
     kbase = (blk * 2 * H + h) * R
-    k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT)
-    v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT)
+    k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT, ASM)
+    v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT, ASM)
     off = _code_offset(STORAGE, DT)
     s = tl.dot(q_lo, tl.trans(k_lo))
     s = tl.dot(q_hi, tl.trans(k_hi), s)
@@ -118,11 +119,11 @@ def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_ptr, sl
     for n in range(0, n_full):
         m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_row,
                                                  h, n * BLOCK_N, pos, seq_len, False, H, D, T, R, STORAGE,
-                                                 META32, BLOCK_N, DT)
+                                                 META32, BLOCK_N, DT, PREC != 0)
     for n in range(n_full, tl.cdiv(kv_end, BLOCK_N)):
         m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_row,
                                                  h, n * BLOCK_N, pos, seq_len, True, H, D, T, R, STORAGE,
-                                                 META32, BLOCK_N, DT)
+                                                 META32, BLOCK_N, DT, PREC != 0)
 
     nz = l_i > 0
     inv = tl.where(nz, 1.0 / tl.where(nz, l_i, 1.0), 0.0)

@@ -249,3 +249,39 @@ def test_append_then_attend_roundtrip(K):
     want = ref.decode(q, p_ref, table, sl, tf.q_matrix, tf.v_matrix, 0.125, "int4", "fp16")
     got = K["decode"].decode(q, p_ker, table, sl, tf.q_matrix, tf.v_matrix, 0.125, "int4", "fp16")
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("fmt,meta,d,t,lens", [
+    ("saw_int4", "fp16", 64, 16, [1, 70, 33]),
+    ("int4", "fp32", 32, 8, [50, 9]),
+])
+def test_int4_code_offset_path_fp16(K, fmt, meta, d, t, lens):
+    """The GPU path feeds INT4 codes to the dot as fp16 1024 + c (bf16: 128 + c) and cancels the
+    offset exactly; run that algebra with fp16 operands under the interpreter."""
+    import triton.language as tl
+
+    torch.manual_seed(6)
+    h, group = 2, 3
+    spec = _spec(fmt, d, h, t, meta, rotate_v=True)
+    tf = _transform(spec, calibrated=fmt == "saw_int4")
+    nb = sum(-(-l // t) for l in lens) + 1
+    pool = _filled_pool(spec, tf, nb)
+    table = _block_table(lens, t, nb)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(len(lens), h * group, d).half()
+    scale = d ** -0.5
+    K["decode"].INTERP_DOT_DTYPE = tl.float16
+    try:
+        want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, scale, "int4", meta)
+        got = K["decode"].decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, scale, "int4", meta, num_splits=2)
+        err = (got.float() - want.float()).norm() / want.float().norm()
+        assert err < 1e-2, f"decode relative error {err:.2e}"
+        q_lens = [min(l, 20) for l in lens]
+        qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        qp = torch.randn(int(qsl[-1]), h * group, d).half()
+        want = ref.prefill(qp, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale, "int4", meta)
+        got = K["prefill"].prefill(qp, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale, "int4", meta)
+        err = (got.float() - want.float()).norm() / want.float().norm()
+        assert err < 1e-2, f"prefill relative error {err:.2e}"
+    finally:
+        K["decode"].INTERP_DOT_DTYPE = None

@@ -51,9 +51,16 @@ def _bench(fn, rep_ms: float, graph: bool = False) -> float:
 
 
 def _rotating(make, nbytes: int):
-    """Several input sets when one fits in L2: returns a list of inputs made by make()."""
+    """Several input sets when one fits in L2: returns a list of inputs made by make().
+
+    Synchronizes at the end: the timing helpers run on a side stream, which must not start
+    before the kernels that fill the inputs (on the current stream) have finished."""
+    import torch
+
     copies = 1 if nbytes >= 4 * L2_BYTES else min(16, math.ceil(4 * L2_BYTES / max(nbytes, 1)))
-    return [make() for _ in range(copies)]
+    sets = [make() for _ in range(copies)]
+    torch.cuda.synchronize()
+    return sets
 
 
 class _Cycle:
@@ -448,6 +455,15 @@ def run(args) -> int:
     if "tuneprefill" in parts:
         result["tune_prefill"] = tune_prefill(args.rep_ms, t)
 
+    if "append" in parts:
+        result["append"] = bench_append(args.rep_ms, t)
+        cols = ["tokens", "saw_int4_us", "saw_int4_tbps", "int4_us", "int4_tbps", "bf16_us", "bf16_tbps",
+                "torch_index_put_us"]
+        fmt = {c: "{:.1f}" for c in cols if c.endswith("_us")}
+        fmt.update({c: "{:.2f}" for c in cols if c.endswith("tbps")})
+        print("\nAPPEND (8 KV heads, head_dim 128, bf16 in; TB/s = bf16 read + stored bytes)")
+        print(_table(result["append"], cols, fmt))
+
     if "decode" in parts:
         batches = QUICK_BATCHES if args.quick else BATCHES
         contexts = QUICK_CONTEXTS if args.quick else CONTEXTS
@@ -457,6 +473,10 @@ def run(args) -> int:
             r = bench_decode_point(hq, hkv, d, b, ctx, t, args.rep_ms, peak, args.mem_limit_gb)
             if r is not None:
                 rows.append(r)
+                tqdm.write(f"decode {hq}/{hkv}/{d} b={b} ctx={ctx}: sdpa {r['sdpa_ms'] * 1e3:.1f} us, "
+                           f"bf16 paged {r['bf16_paged_ms'] * 1e3:.1f}, int4 {r['int4_ms'] * 1e3:.1f}, "
+                           f"saw_int4 {r['saw_int4_ms'] * 1e3:.1f} ({r['saw_int4_tbps']:.2f} TB/s, "
+                           f"{r['x_vs_sdpa']:.2f}x SDPA)")
         result["decode"] = rows
         cols = ["hq", "hkv", "d", "batch", "ctx", "sdpa_ms", "bf16_paged_ms", "int4_ms", "saw_int4_ms",
                 "saw_int4_tbps", "saw_int4_frac_bw", "x_vs_sdpa", "x_vs_bf16_paged", "rotation_overhead"]
@@ -465,15 +485,6 @@ def run(args) -> int:
                     "x_vs_bf16_paged": "{:.2f}x", "rotation_overhead": "{:+.1%}"})
         print("\nDECODE (times in ms, median; bandwidth on the INT4 bytes read)")
         print(_table(rows, cols, fmt))
-
-    if "append" in parts:
-        result["append"] = bench_append(args.rep_ms, t)
-        cols = ["tokens", "saw_int4_us", "saw_int4_tbps", "int4_us", "int4_tbps", "bf16_us", "bf16_tbps",
-                "torch_index_put_us"]
-        fmt = {c: "{:.1f}" for c in cols if c.endswith("_us")}
-        fmt.update({c: "{:.2f}" for c in cols if c.endswith("tbps")})
-        print("\nAPPEND (8 KV heads, head_dim 128, bf16 in; TB/s = bf16 read + stored bytes)")
-        print(_table(result["append"], cols, fmt))
 
     if "prefill" in parts:
         result["prefill"] = bench_prefill(args.rep_ms, t, args.mem_limit_gb)

@@ -1,8 +1,9 @@
 """`sawint4 aot`: compile the kernels ahead of time (no GPU needed) into cubin + PTX + manifest.json.
 
 A TensorRT AOT plugin launches exactly one kernel whose parameters are: input pointers, then
-integer scalars, then output pointers (then Triton's two trailing scratch pointers). Floats and
-model constants are compile-time constants. `trtllm_sawint4.kernels.aot` describes the kernel
+integer scalars, then output pointers, nothing else. Floats and model constants are compile-time
+constants; Triton's two trailing scratch pointers, unused by these kernels, are stripped from the
+PTX (`strip_scratch_params`) before it is assembled to the cubin. `trtllm_sawint4.kernels.aot` describes the kernel
 variants in that form (`AotKernel`); this module compiles them for each GPU target and writes the
 manifest that the TensorRT plugins (`plugins/`) and the test launcher (`aot_launcher.py`) read.
 """
@@ -106,6 +107,43 @@ def compile_kernel(kernel: AotKernel, arch: int):
     return triton.compile(src, target=target, options=options)
 
 
+def strip_scratch_params(ptx: str, kernel_name: str, num_params: int) -> str:
+    """Drop Triton's two trailing scratch-pointer parameters from the kernel's PTX signature.
+
+    A TensorRT AOT plugin passes exactly its inputs, integer scalars and outputs. Triton 3.6 appends
+    a global- and a profile-scratch pointer to every kernel; a kernel that needs no scratch never
+    loads them, which is checked here (each name may appear only in the signature)."""
+    lines = ptx.splitlines()
+    names = [f"{kernel_name}_param_{num_params}", f"{kernel_name}_param_{num_params + 1}"]
+    for name in names:
+        if ptx.count(name) != 1 or f"{kernel_name}_param_{num_params + 2}" in ptx:
+            raise ValueError(f"{kernel_name}: parameter {name} is not an unused trailing scratch pointer")
+    keep = [ln for ln in lines if not any(ln.strip().startswith(".param") and ln.rstrip(",").endswith(n)
+                                          for n in names)]
+    last = next(i for i, ln in enumerate(keep)
+                if ln.strip().startswith(".param") and ln.rstrip(",").endswith(f"{kernel_name}_param_{num_params - 1}"))
+    keep[last] = keep[last].rstrip().rstrip(",")
+    return "\n".join(keep) + "\n"
+
+
+def assemble(ptx: str, out_path: Path) -> bytes:
+    """PTX -> cubin with the ptxas that Triton ships (the target is read from the PTX)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    target = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)
+    arch = int(re.match(r"sm_(\d+)", target).group(1))
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "kernel.ptx")
+        src.write_text(ptx)
+        subprocess.run([get_ptxas(arch).path, f"--gpu-name={target}", str(src), "-o", str(out_path)], check=True,
+                       capture_output=True)
+    return out_path.read_bytes()
+
+
 def write_artifacts(kernels: list[AotKernel], targets: list[str], out_dir: str | Path, model: dict) -> dict:
     """Compile every kernel for every target into out_dir; returns (and writes) the manifest."""
     import triton
@@ -119,21 +157,22 @@ def write_artifacts(kernels: list[AotKernel], targets: list[str], out_dir: str |
         for k in kernels:
             compiled = compile_kernel(k, TARGETS[target])
             md = compiled.metadata
+            if md.global_scratch_size or md.profile_scratch_size:
+                raise ValueError(f"{k.op}: the kernel needs scratch memory, which a TensorRT AOT plugin cannot give")
             stem = f"{k.op}.{target}"
-            (out / f"{stem}.cubin").write_bytes(compiled.asm["cubin"])
-            (out / f"{stem}.ptx").write_text(compiled.asm["ptx"])
+            ptx = strip_scratch_params(compiled.asm["ptx"], md.name, len(k.params))
+            (out / f"{stem}.ptx").write_text(ptx)
+            cubin = assemble(ptx, out / f"{stem}.cubin")
             entries.append({
                 "op": k.op,
                 "target": target,
                 "kernel_name": md.name,
                 "cubin": f"{stem}.cubin",
                 "ptx": f"{stem}.ptx",
-                "cubin_sha256": hashlib.sha256(compiled.asm["cubin"]).hexdigest(),
+                "cubin_sha256": hashlib.sha256(cubin).hexdigest(),
                 "params": [asdict(p) for p in k.params],
-                "trailing_scratch_params": 2,  # Triton 3.6: global and profile scratch pointers
-                "global_scratch_size": md.global_scratch_size,
-                "global_scratch_align": md.global_scratch_align,
-                "profile_scratch_size": md.profile_scratch_size,
+                # Triton's two scratch pointers were stripped (unused): params are exactly TensorRT's
+                "trailing_scratch_params": 0,
                 "constexprs": {n: v for n, v in k.constexprs.items()},
                 "grid": list(k.grid),
                 "limits": dict(k.limits),

@@ -1,6 +1,6 @@
 """Run the AOT artifacts exactly as a TensorRT AOT plugin would: the cubin through the CUDA driver
-API, parameters in the manifest's order (inputs, integer scalars, outputs, Triton's two scratch
-pointers), grid and block from the manifest's shape expressions, on a given stream.
+API, parameters in the manifest's order (inputs, integer scalars, outputs: exactly what TensorRT
+passes), grid and block from the manifest's shape expressions, on a given stream.
 
 Used by the GPU tests to prove the very binaries an engine embeds. Needs cuda-bindings and torch
 with CUDA (for device memory and streams).
@@ -94,12 +94,8 @@ class AotLauncher:
                 values.append(t.data_ptr())
                 types.append(ctypes.c_void_p)
         grid = [symexpr.evaluate(e, shapes) for e in entry["grid"]]
-        scratch = None
-        if entry["global_scratch_size"]:
-            scratch = torch.empty(grid[0] * grid[1] * grid[2] * entry["global_scratch_size"], dtype=torch.uint8,
-                                  device="cuda")
-        values += [0 if scratch is None else scratch.data_ptr(), 0]  # global scratch, profile scratch
-        types += [ctypes.c_void_p, ctypes.c_void_p]
+        values += [0] * entry["trailing_scratch_params"]  # none: stripped at compile time
+        types += [ctypes.c_void_p] * entry["trailing_scratch_params"]
         if min(grid) == 0:
             return outputs
         stream = stream or torch.cuda.current_stream()

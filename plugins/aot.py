@@ -137,9 +137,9 @@ def check_node(manifest: AotManifest, op: contract.OpDef, attrs: Mapping[str, An
     for p, dt in zip(params, input_dtypes):
         if POINTER_DTYPES.get(p["type"]) != dt:
             raise AotError(f"{op.qualified_name}: input {p['name']} is {dt} but the kernel takes {p['type']}")
-    if entry.get("global_scratch_size", 0) or entry.get("profile_scratch_size", 0):
-        raise AotError(f"{op.qualified_name}: the kernel needs Triton scratch memory, which a TensorRT AOT launch "
-                       f"cannot provide")
+    if entry.get("trailing_scratch_params", 0):
+        raise AotError(f"{op.qualified_name}: the kernel still takes Triton's scratch pointers, which a TensorRT AOT "
+                       f"launch does not pass; rebuild the artifacts with this version of `sawint4 aot`")
     return entry
 
 

@@ -459,8 +459,7 @@ def _synthetic_manifest(folder, **model_changes):
             dict(name="out", kind="output", type="*fp16", shape=["query.shape[0]", "query.shape[1]", "query.shape[2]"])
         kernels.append(dict(op=op, target="sm_90", kernel_name=f"{op}_aot", cubin=f"{op}.sm_90.cubin",
                             params=inputs(op) + [dict(name=n, kind="scalar", type="i32", value=v) for n, v in scalars[op]]
-                            + [out], grid=grids[op], block=[128, 1, 1], shared_bytes=4096, trailing_scratch_params=2,
-                            global_scratch_size=0, profile_scratch_size=0,
+                            + [out], grid=grids[op], block=[128, 1, 1], shared_bytes=4096, trailing_scratch_params=0,
                             limits={"block_table.shape[0]": 256} if op == "prefill" else {}))
     model = dict(MODEL, **model_changes)
     (folder / "manifest.json").write_text(json.dumps({"format": aot.MANIFEST_FORMAT, "model": model, "kernels": kernels}))

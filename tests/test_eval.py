@@ -141,6 +141,7 @@ def test_bad_option_values(argv, option, capsys):
     (["--text-file", "/nonexistent/text.txt", "--model-path", "."], "--text-file"),
     (["--calibration", "/nonexistent/c.pt"], "--calibration"),
     (["--chart", "out.jpg"], "--chart"),
+    (["--json", "/nonexistent/dir/r.json"], "--json"),
 ])
 def test_bad_paths(argv, needle, capsys):
     assert main(["eval", *argv]) == 2

@@ -98,8 +98,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--windows", type=_int_at_least(1, "--windows"), default=8,
-                        help="number of text windows (default 8)")
+    parser.add_argument("--windows", type=_int_at_least(1, "--windows"), default=4,
+                        help="number of text windows (default 4)")
     parser.add_argument("--window-len", type=_int_at_least(8, "--window-len"), default=512,
                         help="tokens per window (default 512)")
     parser.add_argument("--batch-size", type=_int_at_least(1, "--batch-size"), default=4,
@@ -230,12 +230,33 @@ def evaluate_row(model, ids, row: Row, spec, calibration, batch_size: int, sched
 
 
 def self_calibrate(model, calib_ids, source: str, scale_power: float, tick):
+    """(ChannelCalibration, keys per layer) from held-out windows."""
     from ..calibration import ChannelCalibration
     from ..integrations.transformers import collect_keys
 
     _set_attention(model, "sdpa")
     keys = collect_keys(model, list(calib_ids), progress=tick)
-    return ChannelCalibration.from_keys(keys, source=source, scale_power=scale_power)
+    return ChannelCalibration.from_keys(keys, source=source, scale_power=scale_power), keys
+
+
+def key_quant_error(keys, spec_options: dict, head_dim: int, kv_heads: int) -> float:
+    """Relative RMS error of stored K (in the transformed domain) over all layers, as the paged format
+    quantizes it: ||dequant(quant(k')) - k'|| / ||k'||, k' = k_matrix @ k."""
+    import torch
+
+    from ..quant import dequantize, quantize
+    from ..spec import KVCacheSpec
+    from ..transforms import build_layer_transform
+
+    spec = KVCacheSpec(head_dim=head_dim, num_kv_heads=kv_heads, **spec_options)
+    tf = build_layer_transform(spec)
+    err = ref = 0.0
+    for k in keys:
+        x = k.float() if tf.k_matrix is None else torch.einsum("hij,nhj->nhi", tf.k_matrix, k.float())
+        y = dequantize(*quantize(x, spec.levels, spec.metadata_dtype))
+        err += float((y - x).pow(2).sum())
+        ref += float(x.pow(2).sum())
+    return math.sqrt(err / ref)
 
 
 def generate_sample(model, tokenizer, spec, prompt_ids, new_tokens: int, calibration=None) -> str:
@@ -273,8 +294,10 @@ def _check_options(args) -> None:
 
     if args.text_file is not None and not Path(args.text_file).is_file():
         raise EvalError(f"--text-file: {args.text_file} is not a file")
-    if args.json is not None and args.json.strip() == "":
-        raise EvalError("--json: empty file name")
+    for option, value in (("--json", args.json), ("--chart", args.chart)):
+        if value is not None and (not value.strip() or Path(value).is_dir()
+                                  or not Path(value).resolve().parent.is_dir()):
+            raise EvalError(f"{option}: cannot write {value!r} (not a file path in an existing directory)")
     if args.chart is not None:
         if not args.chart.lower().endswith(".png"):
             raise EvalError(f"--chart: the file name must end in .png, got {args.chart!r}")
@@ -322,7 +345,11 @@ def _run(args) -> int:
     num_layers, kv_heads, head_dim = hf._model_dims(model.config)
     rows, notes = build_rows(args.formats, args.seeds, head_dim)
     want_calib = any(r.calibrated for r in rows)
-    calib_window = min(args.window_len, 512)
+    if want_calib and args.calibration is None and args.calib_tokens < 8:
+        notes.append("saw_int4_calib skipped: --calib-tokens < 8 and no --calibration file")
+        rows = [r for r in rows if not r.calibrated]
+        want_calib = False
+    calib_window = max(8, min(args.window_len, 512, args.calib_tokens))
     split = data.split_text(tokenizer, args.windows, args.window_len,
                             args.calib_tokens if want_calib and args.calibration is None else 0, calib_window,
                             args.text_file)
@@ -353,10 +380,15 @@ def _run(args) -> int:
     bar = tqdm(total=total, desc="sawint4 eval", unit="fwd", disable=args.no_progress, file=sys.stderr,
                dynamic_ncols=True)
 
+    key_errors = {}
     if want_calib and calibration is None and split.calib_ids is not None:
         bar.set_postfix_str("calibrating")
-        calibration = self_calibrate(model, split.calib_ids, split.calib_source, args.scale_power,
-                                     lambda: bar.update(1))
+        calibration, keys = self_calibrate(model, split.calib_ids, split.calib_source, args.scale_power,
+                                           lambda: bar.update(1))
+        # direct check of the metadata precision on real keys (no model noise): fp16 vs fp32 (scale, min)
+        for meta in ("fp16", "fp32"):
+            key_errors[meta] = key_quant_error(keys, {"metadata_dtype": meta}, head_dim, kv_heads)
+        del keys
 
     bf16_bytes = KVCacheSpec(head_dim=head_dim, num_kv_heads=kv_heads, kv_format="bf16").bytes_per_token
     for row in rows:
@@ -384,7 +416,7 @@ def _run(args) -> int:
     result = report.build_result(
         loaded.name, split, args, rows, notes, schedule, bf16_bytes, calib_info, generation,
         {"num_layers": num_layers, "num_kv_heads": kv_heads, "head_dim": head_dim},
-        time.perf_counter() - wall)
+        time.perf_counter() - wall, key_errors)
     print(report.format_text(result))
     if args.json:
         report.write_json(result, args.json)

@@ -12,7 +12,7 @@ def _agreement(a, b) -> float:
 
 
 def build_result(model_name, split, args, rows, notes, schedule, bf16_bytes, calib_info, generation, dims,
-                 wall_s) -> dict:
+                 wall_s, key_errors=None) -> dict:
     num_windows, length = split.eval_ids.shape
     count = num_windows * (length - 1)
     base = next(r for r in rows if r.key == "bf16")
@@ -38,8 +38,8 @@ def build_result(model_name, split, args, rows, notes, schedule, bf16_bytes, cal
         "tokens_per_block": args.tokens_per_block, "bf16_bytes_per_token": bf16_bytes,
         "calibration": calib_info, "notes": notes, "rows": out_rows, "generation": generation,
     }
-    if "saw_int4" in by_key:
-        group = [r for r in rows if r.key == "saw_int4" or r.seed_of == "saw_int4"]
+    group = [r for r in rows if r.key == "saw_int4" or r.seed_of == "saw_int4"]
+    if len(group) > 1:
         ppls = [r.ppl(count) for r in group]
         result["seed_spread"] = {
             "row": by_key["saw_int4"].label.strip(),
@@ -55,6 +55,8 @@ def build_result(model_name, split, args, rows, notes, schedule, bf16_bytes, cal
             "agreement_between": _agreement(a.argmax, b.argmax),
             "bytes_fp16_meta": a.bytes_per_token, "bytes_fp32_meta": b.bytes_per_token,
         }
+    if key_errors:
+        result.setdefault("metadata_check", {})["key_rel_rms_error"] = key_errors
     result["wall_s"] = wall_s
     return result
 
@@ -109,11 +111,21 @@ def format_text(res: dict) -> str:
         seeds = ",".join("none" if x is None else str(x) for x in s["sign_seeds"])
         lines.append(f"spread over sign seeds ({seeds}) of {s['row']}: ppl {s['mean']:.2f} ± {s['std']:.2f} (std), "
                      f"min {s['min']:.2f}, max {s['max']:.2f}")
-    if "metadata_check" in res:
-        m = res["metadata_check"]
+    m = res.get("metadata_check", {})
+    if "ppl_fp16_meta" in m:
         lines.append(f"fp16 vs fp32 metadata: ppl {m['ppl_fp16_meta']:.3f} vs {m['ppl_fp32_meta']:.3f} "
                      f"({m['delta_pct']:+.2f}%), same argmax at {100 * m['agreement_between']:.1f}% of positions, "
                      f"{m['bytes_fp16_meta']:.0f} vs {m['bytes_fp32_meta']:.0f} bytes/token")
+        if "seed_spread" in res:
+            s = res["seed_spread"]
+            inside = s["min"] <= m["ppl_fp32_meta"] <= s["max"] or abs(m["ppl_fp16_meta"] - m["ppl_fp32_meta"]) <= \
+                s["max"] - s["min"]
+            lines.append(f"  the fp32-metadata ppl is {'within' if inside else 'OUTSIDE'} the noise of the sign-seed "
+                         f"spread ({s['min']:.2f}..{s['max']:.2f})")
+    if "key_rel_rms_error" in m:
+        e = m["key_rel_rms_error"]
+        lines.append(f"fp16 vs fp32 metadata, stored-K error on the held-out keys (saw_int4 default rotation, all "
+                     f"layers): relative RMS {e['fp16']:.5f} vs {e['fp32']:.5f}")
     for note in res["notes"]:
         lines.append(f"note: {note}")
     gen = res["generation"]

@@ -15,18 +15,21 @@ import sys
 import pytest
 import torch
 
-_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+# The Triton kernels run here under the interpreter: triton decides that when triton.language is first
+# imported (by anything, torch included) and when each kernel is decorated, so it must be set before
+# collection goes on. Only on machines without CUDA: a GPU session compiles the real kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-import trtllm_sawint4.ops  # noqa: E402,F401
-from trtllm_sawint4 import KVCacheSpec, build_layer_transform  # noqa: E402
-from trtllm_sawint4.ops import checks  # noqa: E402
-from trtllm_sawint4.ops import reference as ref  # noqa: E402
+import trtllm_sawint4.ops  # noqa: F401
+from trtllm_sawint4 import KVCacheSpec, build_layer_transform
+from trtllm_sawint4.ops import checks
+from trtllm_sawint4.ops import reference as ref
 
-from helpers import SPECS, dense_attention, shuffled_table, slots_for, stored_kv  # noqa: E402
+from helpers import SPECS, dense_attention, shuffled_table, slots_for, stored_kv
 
 ops = torch.ops.sawint4
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True,
@@ -413,23 +416,17 @@ def _interpreted() -> bool:
 
 @pytest.fixture(scope="module")
 def K():
+    """The kernel modules, interpreted (TRITON_INTERPRET=1), else the test is skipped."""
     pytest.importorskip("triton")
-    os.environ["TRITON_INTERPRET"] = "1"
     names = ("_common", "append", "decode", "prefill")
-    stale = any(f"trtllm_sawint4.kernels.{n}" in sys.modules for n in names) and not _interpreted()
-    mods = {}
     try:
-        for name in names:
-            full = f"trtllm_sawint4.kernels.{name}"
-            mods[name] = importlib.reload(sys.modules[full]) if stale and full in sys.modules \
-                else importlib.import_module(full)
-    except ImportError as e:
+        mods = {name: importlib.import_module(f"trtllm_sawint4.kernels.{name}") for name in names}
+    except ImportError as e:  # kernels not written yet
         pytest.skip(f"Triton kernels not importable: {e}")
+    if not _interpreted():
+        pytest.skip("the kernels were compiled for the GPU in this session; run on a machine without CUDA or "
+                    "with TRITON_INTERPRET=1 set before pytest starts")
     yield mods
-    if _OLD_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
 
 
 def _through_kernel(K, op, *args):

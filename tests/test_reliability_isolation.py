@@ -93,6 +93,8 @@ class Soak:
             k[i, 0] = 2.5
             v[i, -1, 3] = 300.0
             v[i, 0, 1] = -7e4
+        if self._coin(0.3):  # the model's dtype
+            k, v = k.bfloat16(), v.bfloat16()
         return k, v
 
     def _coin(self, p):
@@ -292,8 +294,8 @@ class Soak:
     def _layer_history(self, s, layer, k_new, v_new):
         """History of (K, V) of sequence s in `layer`, with this step's tokens appended."""
         hist = self.history[s]
-        hist[2 * layer] = torch.cat([hist[2 * layer], k_new])
-        hist[2 * layer + 1] = torch.cat([hist[2 * layer + 1], v_new])
+        hist[2 * layer] = torch.cat([hist[2 * layer], k_new.float()])
+        hist[2 * layer + 1] = torch.cat([hist[2 * layer + 1], v_new.float()])
         return hist[2 * layer], hist[2 * layer + 1]
 
     def finish(self):

@@ -94,9 +94,13 @@ def _check_expr(op: str, expr: str | None, inputs: set[str]) -> None:
 
 def compile_kernel(kernel: AotKernel, arch: int):
     """triton.compile for one target; needs no GPU. Pointer parameters are promised 16-byte aligned."""
+    import os
+
     import triton
     from triton.backends.compiler import GPUTarget
 
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("ahead-of-time compilation needs Triton's compiler: unset TRITON_INTERPRET")
     kernel.check()
     signature = {p.name: p.type for p in kernel.params}
     signature.update({k: "constexpr" for k in kernel.constexprs})

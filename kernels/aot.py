@@ -17,6 +17,7 @@ from ._common import STORAGE_CODE
 from .append import _append_kernel
 from .decode import LOG2E, _decode_kernel
 from .prefill import CONFIG as PREFILL_CONFIG
+from .prefill import CONFIG_BF16 as PREFILL_CONFIG_BF16
 from .prefill import _prefill_kernel
 
 
@@ -25,8 +26,9 @@ def append_aot(key, value, slot_mapping, pool, k_matrix, k_bias, v_matrix, num_t
                H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr, STORAGE: tl.constexpr,
                META32: tl.constexpr, HAS_KM: tl.constexpr, HAS_KB: tl.constexpr, HAS_VM: tl.constexpr,
                PREC: tl.constexpr, BLOCK_N: tl.constexpr):
-    _append_kernel(pool_out, key, value, slot_mapping, k_matrix, k_bias, v_matrix, num_tokens, H * D, D, H * D, D,
-                   H, D, T, R, STORAGE, META32, HAS_KM, HAS_KB, HAS_VM, PREC, BLOCK_N)
+    _append_kernel(pool_out, pool_out.to(tl.pointer_type(tl.bfloat16)), pool_out.to(tl.pointer_type(tl.float16)),
+                   pool_out.to(tl.pointer_type(tl.float32)), key, value, slot_mapping, k_matrix, k_bias, v_matrix,
+                   num_tokens, H * D, D, H * D, D, H, D, T, R, STORAGE, META32, HAS_KM, HAS_KB, HAS_VM, PREC, BLOCK_N)
 
 
 @triton.jit
@@ -36,9 +38,10 @@ def decode_aot(query, pool, block_table, seq_lens, q_matrix, v_matrix, max_block
                HAS_VM: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                QK_SCALE: tl.constexpr):
     tiles = tl.cdiv(max_blocks * T, BLOCK_N)
-    _decode_kernel(query, pool, block_table, seq_lens, q_matrix, v_matrix, out, out, out,
+    _decode_kernel(query, pool, pool.to(tl.pointer_type(tl.bfloat16)), pool.to(tl.pointer_type(tl.float16)),
+                   pool.to(tl.pointer_type(tl.float32)), block_table, seq_lens, q_matrix, v_matrix, out, out, out,
                    HQ * D, D, HQ * D, D, max_blocks, QK_SCALE, tiles,
-                   H, G, GP, D, T, R, STORAGE, META32, HAS_QM, HAS_VM, 1, BLOCK_N, DT, PREC)
+                   H, G, GP, D, T, R, STORAGE, META32, HAS_QM, HAS_VM, False, BLOCK_N, DT, PREC)
 
 
 @triton.jit
@@ -47,7 +50,9 @@ def prefill_aot(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v
                 R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, DT: tl.constexpr,
                 PREC: tl.constexpr, QK_SCALE: tl.constexpr):
-    _prefill_kernel(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, out, out,
+    _prefill_kernel(query, pool, pool.to(tl.pointer_type(tl.bfloat16)), pool.to(tl.pointer_type(tl.float16)),
+                    pool.to(tl.pointer_type(tl.float32)), block_table, seq_lens, query_start_loc, q_matrix, v_matrix,
+                    out, out,
                     HQ * D, D, HQ * D, D, max_blocks, QK_SCALE, num_seqs,
                     H, G, D, T, R, STORAGE, META32, HAS_QM, False, BLOCK_M, BLOCK_N, B_PAD, DT, PREC)
 
@@ -93,7 +98,7 @@ def model_kernels(head_dim: int, num_heads: int, num_kv_heads: int, tokens_per_b
         constexprs=dict(HQ=num_heads, H=h, G=g, GP=max(16, triton.next_power_of_2(g)), D=d, T=t, R=r, **fmt,
                         HAS_QM=transformed, HAS_VM=rotate_v, BLOCK_N=64, DT=dot, PREC=1, QK_SCALE=qk_scale),
         grid=("query.shape[0]", str(h), "1"), num_warps=4, num_stages=2)
-    block_m, block_n, warps, stages = PREFILL_CONFIG[d]
+    block_m, block_n, warps, stages = (PREFILL_CONFIG_BF16 if spec.storage == "bf16" else PREFILL_CONFIG)[d]
     prefill = AotKernel(
         op="prefill", fn=prefill_aot,
         params=[_inp("query", act), _inp("pool", "*u8"), _inp("block_table", "*i32"), _inp("seq_lens", "*i32"),

@@ -87,6 +87,8 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_ptr, sl_
                    R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
                    HAS_VM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
                    PREC: tl.constexpr):
+    # the V rotation is applied by the reduce kernel: the unsplit path has none
+    tl.static_assert(SPLIT or not HAS_VM, "decode with v_matrix needs the split path (SPLIT=True)")
     b = tl.program_id(0)
     num_splits = tl.num_programs(2)
     h = tl.program_id(1)

@@ -9,16 +9,33 @@ import sys
 import pytest
 import torch
 
-# triton reads TRITON_INTERPRET when a kernel is decorated: set it before the kernels are imported.
-_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
+# triton reads TRITON_INTERPRET when a kernel is decorated, its own library functions (tl.max, ...)
+# included, so the interpreter must be on before triton is first imported, and switching it on here
+# would leak into the other test modules of the session. So: when pytest was started with
+# TRITON_INTERPRET=1 the tests run in this process; otherwise test_in_subprocess runs this module in
+# a fresh python with TRITON_INTERPRET=1 and the other tests are skipped in this process.
 triton = pytest.importorskip("triton")
+_USABLE = (os.environ.get("TRITON_INTERPRET") == "1"
+           and type(sys.modules["triton.language.standard"].max).__name__ == "InterpretedFunction")
 
 from trtllm_sawint4.ops import reference as ref  # noqa: E402
 from trtllm_sawint4.quant import unpack_int4  # noqa: E402
 from trtllm_sawint4.spec import KVCacheSpec  # noqa: E402
 from trtllm_sawint4.layout import pool_views  # noqa: E402
 from trtllm_sawint4.transforms import build_layer_transform  # noqa: E402
+
+
+def test_in_subprocess():
+    """Runs this module in a fresh interpreter when triton was imported here before the interpreter
+    was switched on (see the top of the module)."""
+    if _USABLE:
+        pytest.skip("the interpreter runs in this process")
+    import subprocess
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 def _interpreted() -> bool:
@@ -29,19 +46,15 @@ def _interpreted() -> bool:
 @pytest.fixture(scope="module")
 def K():
     """The kernel modules, (re)imported with the interpreter on (triton reads it when decorating)."""
-    os.environ["TRITON_INTERPRET"] = "1"
+    if not _USABLE:
+        pytest.skip("runs under TRITON_INTERPRET=1: see test_in_subprocess")
     names = ("_common", "append", "decode", "prefill")
     stale = any(f"trtllm_sawint4.kernels.{n}" in sys.modules for n in names) and not _interpreted()
     mods = {}
     for name in names:
         full = f"trtllm_sawint4.kernels.{name}"
         mods[name] = importlib.reload(sys.modules[full]) if stale else importlib.import_module(full)
-    yield mods
-    old = _OLD_INTERPRET
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+    return mods
 
 
 FORMAT = {"int4": "int4", "saw_int4": "int4", "int8": "int8", "bf16": "bf16"}

@@ -67,3 +67,15 @@ def slots_for(table, lengths, tpb, starts=None):
         for p in range(0 if starts is None else starts[b], n):
             slots.append(int(table[b, p // tpb]) * tpb + p % tpb)
     return torch.tensor(slots, dtype=torch.int64)
+
+
+def run_sawint4(*args: str, cwd) -> None:
+    """Run the `sawint4` CLI in a fresh process without TRITON_INTERPRET (`sawint4 aot` needs the
+    real compiler, while this process may run the kernels in Triton's interpreter)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", "import sys; from trtllm_sawint4.cli import main; sys.exit(main())",
+                    *args], check=True, env=env, cwd=cwd)

@@ -1,10 +1,7 @@
 """`sawint4 aot` on a CPU-only machine: artifacts, manifest, and agreement with the plugin contract."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import triton.language as tl
@@ -13,17 +10,16 @@ from trtllm_sawint4.build_scripts.aot import AotKernel, AotParam, load_manifest,
 from trtllm_sawint4.kernels.aot import model_kernels
 from trtllm_sawint4.plugins import contract
 
+from helpers import run_sawint4
+
 POINTER_DTYPES = {"*bf16": "bfloat16", "*fp16": "float16", "*fp32": "float32", "*u8": "uint8", "*i32": "int32"}
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    # its own process: this one may run the kernels in Triton's interpreter, which cannot compile
     out = tmp_path_factory.mktemp("aot")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-c", "import sys; from trtllm_sawint4.cli import main; sys.exit(main())",
-                    "aot", "--out", str(out), "--targets", "sm_90", "--head-dim", "64", "--num-heads", "8",
-                    "--num-kv-heads", "2", "--tokens-per-block", "16"], check=True, env=env, cwd=out)
+    run_sawint4("aot", "--out", str(out), "--targets", "sm_90", "--head-dim", "64", "--num-heads", "8",
+                "--num-kv-heads", "2", "--tokens-per-block", "16", cwd=out)
     return out
 
 

@@ -535,11 +535,11 @@ def test_aot_manifest_errors(tmp_path):
 def test_aot_impl_with_real_artifacts(fake_trt, tmp_path):
     """The `sawint4 aot` output itself (compiled on this CPU machine) drives the aot_impls."""
     pytest.importorskip("triton")
-    from trtllm_sawint4.cli import main
+    from helpers import run_sawint4
 
     out = tmp_path / "aot"
-    assert main(["aot", "--out", str(out), "--targets", "sm_90", "--head-dim", "32", "--num-heads", "4",
-                 "--num-kv-heads", "2", "--tokens-per-block", "16", "--query-dtype", "fp16"]) == 0
+    run_sawint4("aot", "--out", str(out), "--targets", "sm_90", "--head-dim", "32", "--num-heads", "4",
+                "--num-kv-heads", "2", "--tokens-per-block", "16", "--query-dtype", "fp16", cwd=tmp_path)
     trt, trtp, registry = fake_trt
     trt_defs.register_plugins(aot_manifest=out)
     for op in ("append", "decode", "prefill"):

@@ -44,7 +44,8 @@ def quantize(x: torch.Tensor, levels: int, meta_dtype: str = "fp16"):
     finite = torch.isfinite(x).all(-1)
     x = torch.where(finite[..., None], x.clamp(-SATURATION, SATURATION), torch.zeros_like(x))
     vmin = round_to_meta(x.amin(-1), meta_dtype, "down")
-    scale = round_to_meta((x.amax(-1) - vmin) / levels, meta_dtype, "up")
+    # divide by a tensor: torch on CUDA turns division by a Python scalar into a reciprocal multiply
+    scale = round_to_meta((x.amax(-1) - vmin) / torch.full_like(vmin, levels), meta_dtype, "up")
     safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.floor((x - vmin[..., None]) / safe_scale[..., None] + 0.5).clamp(0, levels)
     codes = torch.where(scale[..., None] > 0, codes, torch.zeros_like(codes)).to(torch.uint8)

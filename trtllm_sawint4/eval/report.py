@@ -50,8 +50,11 @@ def build_result(model_name, split, args, rows, notes, schedule, bf16_bytes, cal
     if "saw_int4" in by_key and "saw_int4_meta32" in by_key:
         a, b = by_key["saw_int4"], by_key["saw_int4_meta32"]
         pa, pb = a.ppl(count), b.ppl(count)
+        dwin = (a.nll - b.nll) / (length - 1)
+        se = float(dwin.std() / math.sqrt(num_windows)) if num_windows > 1 else float("nan")
         result["metadata_check"] = {
             "ppl_fp16_meta": pa, "ppl_fp32_meta": pb, "delta_pct": 100 * (pa / pb - 1),
+            "delta_pct_window_se": 100 * se,
             "agreement_between": _agreement(a.argmax, b.argmax),
             "bytes_fp16_meta": a.bytes_per_token, "bytes_fp32_meta": b.bytes_per_token,
         }
@@ -116,12 +119,11 @@ def format_text(res: dict) -> str:
         lines.append(f"fp16 vs fp32 metadata: ppl {m['ppl_fp16_meta']:.3f} vs {m['ppl_fp32_meta']:.3f} "
                      f"({m['delta_pct']:+.2f}%), same argmax at {100 * m['agreement_between']:.1f}% of positions, "
                      f"{m['bytes_fp16_meta']:.0f} vs {m['bytes_fp32_meta']:.0f} bytes/token")
-        if "seed_spread" in res:
-            s = res["seed_spread"]
-            inside = s["min"] <= m["ppl_fp32_meta"] <= s["max"] or abs(m["ppl_fp16_meta"] - m["ppl_fp32_meta"]) <= \
-                s["max"] - s["min"]
-            lines.append(f"  the fp32-metadata ppl is {'within' if inside else 'OUTSIDE'} the noise of the sign-seed "
-                         f"spread ({s['min']:.2f}..{s['max']:.2f})")
+        se = m.get("delta_pct_window_se", float("nan"))
+        if math.isfinite(se):
+            verdict = "within" if abs(m["delta_pct"]) <= 2 * se else "OUTSIDE"
+            lines.append(f"  paired over windows: {m['delta_pct']:+.2f}% ± {se:.2f}% (s.e.): {verdict} 2 s.e. of zero; "
+                         f"int4 rounding makes any two int4 variants differ like two sign seeds do")
     if "key_rel_rms_error" in m:
         e = m["key_rel_rms_error"]
         lines.append(f"fp16 vs fp32 metadata, stored-K error on the held-out keys (saw_int4 default rotation, all "

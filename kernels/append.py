@@ -50,8 +50,9 @@ def _append_one(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, x_ptr, stride_n, stri
             CB: tl.constexpr = D
         fin = tl.minimum(tl.min((tl.abs(y_lo) < float("inf")).to(tl.int32), 1),
                          tl.min((tl.abs(y_hi) < float("inf")).to(tl.int32), 1)) > 0
-        y_lo = tl.where(fin[:, None], tl.minimum(tl.maximum(y_lo, -65504.0), 65504.0), 0.0)
-        y_hi = tl.where(fin[:, None], tl.minimum(tl.maximum(y_hi, -65504.0), 65504.0), 0.0)
+        # saturate; -0.0 -> +0.0 so that min/max (which may return either zero) give one answer
+        y_lo = tl.where(fin[:, None] & (y_lo != 0.0), tl.minimum(tl.maximum(y_lo, -65504.0), 65504.0), 0.0)
+        y_hi = tl.where(fin[:, None] & (y_hi != 0.0), tl.minimum(tl.maximum(y_hi, -65504.0), 65504.0), 0.0)
         mn = tl.minimum(tl.min(y_lo, 1), tl.min(y_hi, 1))
         mx = tl.maximum(tl.max(y_lo, 1), tl.max(y_hi, 1))
         if not META32:

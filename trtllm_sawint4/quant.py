@@ -2,8 +2,8 @@
 
 One (scale, min) pair per vector (one token of one KV head, whole head_dim):
 
-    clamp     x <- clamp(x, -65504, 65504)                 (saturate: metadata is fp16)
-    min       m = min(x), rounded DOWN to the metadata dtype
+    clamp     x <- clamp(x, -65504, 65504)                 (saturate: metadata is fp16; -0.0 -> +0.0)
+    min       m = min(x), rounded DOWN to the metadata dtype 
     scale     s = (max(x) - m) / L, rounded UP to the metadata dtype     (L = 15 or 255)
     code      c = clamp(floor((x - m) / s + 0.5), 0, L)    (c = 0 when s == 0)
     dequant   x^ = c * s + m
@@ -42,7 +42,8 @@ def quantize(x: torch.Tensor, levels: int, meta_dtype: str = "fp16"):
     """Quantize vectors along the last dim. Returns (codes uint8 [..., D], scale [...], min [...]) in float32."""
     x = x.float()
     finite = torch.isfinite(x).all(-1)
-    x = torch.where(finite[..., None], x.clamp(-SATURATION, SATURATION), torch.zeros_like(x))
+    # saturate; -0.0 -> +0.0 so that min/max (which may return either zero) give one answer
+    x = torch.where(finite[..., None] & (x != 0), x.clamp(-SATURATION, SATURATION), torch.zeros_like(x))
     vmin = round_to_meta(x.amin(-1), meta_dtype, "down")
     # divide by a tensor: torch on CUDA turns division by a Python scalar into a reciprocal multiply
     scale = round_to_meta((x.amax(-1) - vmin) / torch.full_like(vmin, levels), meta_dtype, "up")

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from trtllm_sawint4.layout import bytes_per_vector
 from trtllm_sawint4.spec import HEAD_DIMS, METADATA_DTYPES, TOKENS_PER_BLOCK
 
 NAMESPACE = "saw_int4"
@@ -34,8 +35,6 @@ ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 #: dtype names as `trtp.AutoTuneCombination` spells them.
 TRT_TYPE_NAMES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "int32": "INT32", "uint8": "UINT8"}
 
-_STORAGE_BITS = {"bf16": 16, "int8": 8, "int4": 4}
-_META_BYTES = {"fp16": 2, "fp32": 4}
 
 
 class ContractError(ValueError):
@@ -155,11 +154,6 @@ def op_def(name: str) -> OpDef:
 
 
 # ---- attributes -------------------------------------------------------------------------------
-def bytes_per_vector(head_dim: int, storage: str, meta_dtype: str) -> int:
-    meta = 0 if storage == "bf16" else 2 * _META_BYTES[meta_dtype]
-    return head_dim * _STORAGE_BITS[storage] // 8 + meta
-
-
 def region_bytes(attrs: Mapping[str, Any]) -> int:
     """R: bytes of one (block, K|V, head) region."""
     return attrs["tokens_per_block"] * bytes_per_vector(attrs["head_dim"], attrs["storage"], attrs["meta_dtype"])

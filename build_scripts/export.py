@@ -1,7 +1,7 @@
 """Export a small Llama-architecture transformers model to ONNX (opset 23) with one standard
 `Attention` node per layer, ready for `sawint4 insert`.
 
-The recipe (see /work/shared/reference/environment.md): torch.onnx.export(dynamo=True,
+The recipe (the project's shared environment notes): torch.onnx.export(dynamo=True,
 opset_version=23) of a model whose attention function calls
 scaled_dot_product_attention(is_causal=True, enable_gqa=True) with no mask, so each layer
 exports as Attention(Q[B,HQ,S,D], K[B,H,S,D], V[B,H,S,D]) without K/V repetition. Such a graph

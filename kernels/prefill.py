@@ -42,7 +42,16 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_pt
     if STORAGE != 0:
         s = s * ks[None, :] + qsum[:, None] * (km - off * ks)[None, :]
     if MASK:
-        s = tl.where((tok[None, :] <= pos[:, None]) & tmask[None, :], s, float("-inf"))
+        vis = (tok[None, :] <= pos[:, None]) & tmask[None, :]
+        s = tl.where(vis, s, float("-inf"))
+        if STORAGE != 0:
+            # a non-finite V is stored with nan metadata: keep it out of the rows that cannot see it
+            # (their zero weight times nan would leak it) and make the rows that see it nan, like the
+            # reference. Off the diagonal every row sees every key, and 0 * nan already gives nan.
+            v_bad = vs != vs
+            sees_bad = tl.max((vis & v_bad[None, :]).to(tl.int32), 1) > 0
+            vs = tl.where(v_bad, 0.0, vs)
+            vmn = tl.where(v_bad, 0.0, vmn)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
     alpha = tl.exp2(m_i - m_safe)
@@ -59,6 +68,10 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_pt
         acc_hi = acc_hi * alpha[:, None]
     acc_lo = tl.dot(pd, v_lo, acc_lo)
     acc_hi = tl.dot(pd, v_hi, acc_hi)
+    if MASK:
+        if STORAGE != 0:
+            acc_lo = tl.where(sees_bad[:, None], float("nan"), acc_lo)
+            acc_hi = tl.where(sees_bad[:, None], float("nan"), acc_hi)
     return m_new, l_i, acc_lo, acc_hi
 
 

@@ -430,8 +430,7 @@ def _kernel_nan_prefill(K, fmt, where):
 @pytest.mark.parametrize("fmt, where", [(f, w) for f in ["int4", "saw_int4_v_signs", "bf16"] for w in ["k", "v"]
                                         if (f, w) != ("bf16", "v")] + [pytest.param("bf16", "v", marks=KERNEL_BF16_V)])
 def test_kernel_prefill_nonfinite_placement(K, fmt, where):
-    """nan where the spec says (queries at or after the bad token, its KV head), nowhere else
-    except (known defect, xfail below) causally earlier queries of that sequence and head."""
+    """nan where the spec says (queries at or after the bad token, its KV head), nowhere else."""
     got, want, n = _kernel_nan_prefill(K, fmt, where)
     assert bool(torch.isnan(got[5:n, :G]).all())
     assert bool(torch.isfinite(got[:, G:]).all()) and bool(torch.isfinite(got[n:]).all())
@@ -441,9 +440,7 @@ def test_kernel_prefill_nonfinite_placement(K, fmt, where):
     torch.testing.assert_close(got[fin], want[fin], rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason="kernels/prefill.py multiplies masked (zero) probabilities by a nan V "
-                                       "in the same tile, so causally earlier queries come out nan")
-@pytest.mark.parametrize("fmt", ["int4"])
+@pytest.mark.parametrize("fmt", ["int4", "saw_int4_v_signs"])
 def test_kernel_prefill_nonfinite_value_leaves_earlier_queries_finite(K, fmt):
     got, _, n = _kernel_nan_prefill(K, fmt, "v")
     assert bool(torch.isfinite(got[:5]).all())

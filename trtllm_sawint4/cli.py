@@ -1,5 +1,7 @@
-"""`sawint4` command line. Each subcommand lives in its own module, imported only when used,
-which exposes `add_arguments(parser)` and `run(args) -> int`."""
+"""sawint4: the SAW-INT4 paged 4-bit KV cache tools.
+
+Each subcommand lives in its own module, imported only when used, which exposes
+`add_arguments(parser)` and `run(args) -> int`."""
 
 from __future__ import annotations
 

@@ -13,3 +13,19 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def K():
+    """The kernel modules, run by Triton's interpreter; skips where they were compiled for a GPU."""
+    import importlib
+    import sys
+
+    pytest.importorskip("triton")
+    names = ("_common", "append", "decode", "prefill")
+    mods = {name: importlib.import_module(f"trtllm_sawint4.kernels.{name}") for name in names}
+    kernel = getattr(sys.modules["trtllm_sawint4.kernels.append"], "_append_kernel", None)
+    if type(kernel).__name__ != "InterpretedFunction":
+        pytest.skip("the kernels were compiled for the GPU in this session; run on a machine without CUDA or "
+                    "with TRITON_INTERPRET=1 set before pytest starts")
+    yield mods

@@ -8,10 +8,8 @@ metadata -> nan on dequant -> nan attention for the queries that attend it (and 
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -279,24 +277,7 @@ def test_determinism_reference_same_inputs_same_bits(fmt):
 
 
 # ---- the Triton kernels under the interpreter ------------------------------------------------------
-def _interpreted() -> bool:
-    mod = sys.modules.get("trtllm_sawint4.kernels.append")
-    return mod is not None and type(getattr(mod, "_append_kernel", None)).__name__ == "InterpretedFunction"
-
-
-@pytest.fixture(scope="module")
-def K():
-    """The kernel modules, interpreted (TRITON_INTERPRET=1), else the test is skipped."""
-    pytest.importorskip("triton")
-    names = ("_common", "append", "decode", "prefill")
-    try:
-        mods = {name: importlib.import_module(f"trtllm_sawint4.kernels.{name}") for name in names}
-    except ImportError as e:  # kernels not written yet
-        pytest.skip(f"Triton kernels not importable: {e}")
-    if not _interpreted():
-        pytest.skip("the kernels were compiled for the GPU in this session; run on a machine without CUDA or "
-                    "with TRITON_INTERPRET=1 set before pytest starts")
-    yield mods
+# the fixture `K` (the kernel modules under the interpreter) lives in conftest.py
 
 
 def _meta_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

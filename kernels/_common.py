@@ -167,3 +167,14 @@ def _unpack_int4_magic(c, FP16: tl.constexpr):
             lop3.b32 $3, t1, 0x000F000F, 0x43004300, 0xEA;
             }""",
             constraints="=r,=r,=r,=r,r", args=[c], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+@triton.jit
+def _nan_rows_with_nonfinite(o_lo, o_hi):
+    """Rows [M, D/2] x 2 with any non-finite channel become all nan: the spec gives nan to every
+    channel of a query that sees a non-finite vector. Needed for bf16 V, whose inf stays in one
+    channel (a quantized V is stored with nan metadata, which already reaches every channel); an inf
+    can only turn into nan on the way, never back into a finite value, so the check at the end is exact."""
+    fin = tl.minimum(tl.min((tl.abs(o_lo) < float("inf")).to(tl.int32), 1),
+                     tl.min((tl.abs(o_hi) < float("inf")).to(tl.int32), 1)) > 0
+    return tl.where(fin[:, None], o_lo, float("nan")), tl.where(fin[:, None], o_hi, float("nan"))

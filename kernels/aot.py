@@ -97,7 +97,7 @@ def model_kernels(head_dim: int, num_heads: int, num_kv_heads: int, tokens_per_b
                 AotParam("out", "output", act, shape=["query.shape[0]", "query.shape[1]", "query.shape[2]"])],
         constexprs=dict(HQ=num_heads, H=h, G=g, GP=max(16, triton.next_power_of_2(g)), D=d, T=t, R=r, **fmt,
                         HAS_QM=transformed, HAS_VM=rotate_v, BLOCK_N=64, DT=dot, PREC=1, QK_SCALE=qk_scale),
-        grid=("query.shape[0]", str(h), "1"), num_warps=4, num_stages=2)
+        grid=("query.shape[0]", str(h), "1"), num_warps=4, num_stages=3)
     block_m, block_n, warps, stages = (PREFILL_CONFIG_BF16 if spec.storage == "bf16" else PREFILL_CONFIG)[d]
     prefill = AotKernel(
         op="prefill", fn=prefill_aot,

@@ -15,6 +15,19 @@ from ._common import STORAGE_CODE, _round_f16, _to_bf16_rne, _transform_rows
 
 
 @triton.jit
+def _div_rn_by(a, b, rcp, INTERP: tl.constexpr):
+    """a / b correctly rounded, given rcp = 1 / b correctly rounded (Markstein: q within 1 ulp,
+    exact residual by fma, one correction), for a >= 0, b > 0 normal, no overflow. The interpreter
+    has no fused multiply-add (it rounds twice), so it divides; tests/test_quant_division.py checks
+    the identity itself."""
+    if INTERP:
+        return tl.math.div_rn(a, tl.broadcast_to(b, a.shape))
+    q = a * rcp
+    r = tl.fma(-q, b, a)
+    return tl.fma(r, rcp, q)
+
+
+@triton.jit
 def _append_one(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, x_ptr, stride_n, stride_h, m_ptr, m_stride_h, b_ptr, rows, rmask, blk, row, h,
                 KV: tl.constexpr, HAS_M: tl.constexpr, HAS_B: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                 T: tl.constexpr, R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr,
@@ -62,10 +75,15 @@ def _append_one(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, x_ptr, stride_n, stri
             sc = _round_f16(sc, True)
         pos = sc > 0
         safe = tl.where(pos, sc, 1.0)
-        c_lo = tl.floor(tl.math.div_rn(y_lo - mn[:, None], tl.broadcast_to(safe[:, None], y_lo.shape)) + 0.5)
-        c_hi = tl.floor(tl.math.div_rn(y_hi - mn[:, None], tl.broadcast_to(safe[:, None], y_hi.shape)) + 0.5)
-        c_lo = tl.where(pos[:, None], tl.minimum(tl.maximum(c_lo, 0.0), LEVELS), 0.0).to(tl.int32)
-        c_hi = tl.where(pos[:, None], tl.minimum(tl.maximum(c_hi, 0.0), LEVELS), 0.0).to(tl.int32)
+        # code = floor((y - mn) / sc + 0.5) with the IEEE quotient, by one reciprocal per token
+        # (_div_rn_by). 0 <= y - mn <= LEVELS * sc, so the code needs no clamping.
+        k = tl.where(safe < 2.0 ** -60, 2.0 ** 64, 1.0)  # scale tiny (subnormal) scales: exact, keeps 1/sc finite
+        safe = safe * k
+        rcp = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
+        c_lo = tl.floor(_div_rn_by((y_lo - mn[:, None]) * k[:, None], safe[:, None], rcp[:, None], PREC == 0) + 0.5)
+        c_hi = tl.floor(_div_rn_by((y_hi - mn[:, None]) * k[:, None], safe[:, None], rcp[:, None], PREC == 0) + 0.5)
+        c_lo = tl.where(pos[:, None], c_lo, 0.0).to(tl.int32)
+        c_hi = tl.where(pos[:, None], c_hi, 0.0).to(tl.int32)
         cp = pool_ptr + (base + row * CB)[:, None] + cols[None, :]
         if STORAGE == 2:
             tl.store(cp, (c_lo | (c_hi << 4)).to(tl.uint8), mask=rmask[:, None])
@@ -104,6 +122,11 @@ def _append_kernel(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, key_ptr, val_ptr, 
                 1, HAS_VM, False, H, D, T, R, STORAGE, META32, PREC)
 
 
+#: (BLOCK_N tokens per program, num_warps) at head_dim <= 128 (halved tokens, 8 warps above);
+#: `sawint4 bench --only tuneappend` re-measures them.
+CONFIG = {"plain": (64, 4), "transform": (64, 4)}
+
+
 def _contig_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -126,7 +149,9 @@ def append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage: 
     else:
         prec = 2
     dummy = slot_mapping
-    block_n = 32 if (d >= 256 and has_m) else 64
+    block_n, warps = CONFIG["transform" if has_m else "plain"]
+    if d >= 256:
+        block_n, warps = block_n // 2, 8
     if interp:
         block_n = 16
     grid = (triton.cdiv(n, block_n), h)
@@ -138,5 +163,5 @@ def append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage: 
         n, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         H=h, D=d, T=t, R=pool.shape[-1], STORAGE=STORAGE_CODE[storage], META32=meta_dtype == "fp32",
         HAS_KM=k_matrix is not None, HAS_KB=k_bias is not None, HAS_VM=v_matrix is not None,
-        PREC=prec, BLOCK_N=block_n, num_warps=4 if d <= 128 else 8,
+        PREC=prec, BLOCK_N=block_n, num_warps=warps,
     )

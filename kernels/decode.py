@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import STORAGE_CODE, _matmul_halves, _transform_rows, _unpack_int4_magic
+from ._common import STORAGE_CODE, _matmul_halves, _nan_rows_with_nonfinite, _transform_rows, _unpack_int4_magic
 
 LOG2E = 1.4426950408889634
 
@@ -71,13 +71,29 @@ def _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, base, row, tmask, H
             cp = pool_ptr + (base + row * CB)[:, None] + cols[None, :]
             lo = tl.load(cp, mask=tmask[:, None], other=0).to(DT)
             hi = tl.load(cp + HALF, mask=tmask[:, None], other=0).to(DT)
-        if META32:
-            sp = poolf_ptr + ((base + T * CB) // 4 + row)
-        else:
-            sp = poolh_ptr + ((base + T * CB) // 2 + row)
-        s = tl.load(sp, mask=tmask, other=0.0).to(tl.float32)
-        m = tl.load(sp + T, mask=tmask, other=0.0).to(tl.float32)
+        s, m = _load_meta(poolf_ptr, base + T * CB, row, tmask, T, META32)
     return lo, hi, s, m
+
+
+@triton.jit
+def _load_meta(poolf_ptr, mbase, row, tmask, T: tl.constexpr, META32: tl.constexpr):
+    """Per-token (scale, min) as fp32 (0 for masked tokens); metadata starts at byte `mbase`.
+
+    fp16 metadata is read as the 32-bit word holding the token's pair: Triton only pipelines
+    (cp.async) loads of at least 4 bytes per thread, and a synchronous 2-byte load in the loop
+    exposes a full DRAM latency every tile."""
+    two = tl.arange(0, 2)[None, :]  # scale and min in one load: fewer loads for the pipeliner to track
+    if META32:
+        x = tl.load(poolf_ptr + (mbase // 4 + row)[:, None] + two * T, mask=tmask[:, None], other=0.0)
+        s, m = tl.split(x)
+    else:
+        x = tl.load(poolf_ptr + (mbase // 4 + row // 2)[:, None] + two * (T // 2), mask=tmask[:, None],
+                    other=0.0).to(tl.int32, bitcast=True)
+        sw, mw = tl.split(x)
+        sh = (row & 1) * 16
+        s = ((sw >> sh) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        m = ((mw >> sh) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return s, m
 
 
 @triton.jit
@@ -117,14 +133,22 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_ptr, sl_
     acc_lo = tl.zeros([GP, HALF], tl.float32)
     acc_hi = tl.zeros([GP, HALF], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    # Block ids are read one tile ahead into a loop-carried value: a code load whose address comes
+    # from a load in the same iteration gets a single pipeline buffer from Triton's pipeliner.
+    if BLOCK_N <= T:  # a tile lies in one block: one block id, one contiguous region slice
+        blk_next = tl.load(bt_row + (t0 * BLOCK_N) // T, mask=t0 < t1, other=0)
+    else:
+        tok0 = t0 * BLOCK_N + tl.arange(0, BLOCK_N)
+        blk_next = tl.load(bt_row + tok0 // T, mask=tok0 < seq_len, other=0)
     for t in range(t0, t1):
         tok = t * BLOCK_N + tl.arange(0, BLOCK_N)
         tmask = tok < seq_len
-        if BLOCK_N <= T:  # the tile lies in one block: one block id, one contiguous region slice
-            blk = tl.load(bt_row + (t * BLOCK_N) // T).to(tl.int64)
+        blk = blk_next.to(tl.int64)
+        if BLOCK_N <= T:
+            blk_next = tl.load(bt_row + ((t + 1) * BLOCK_N) // T, mask=t + 1 < t1, other=0)
             row = (t * BLOCK_N) % T + tl.arange(0, BLOCK_N)
         else:
-            blk = tl.load(bt_row + tok // T, mask=tmask, other=0).to(tl.int64)
+            blk_next = tl.load(bt_row + (tok + BLOCK_N) // T, mask=tok + BLOCK_N < seq_len, other=0)
             row = tok % T
         kbase = (blk * 2 * H + h) * R
         k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT, PREC != 0)
@@ -156,8 +180,7 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_ptr, sl_
 
     nz = l_i > 0
     inv = tl.where(nz, 1.0 / tl.where(nz, l_i, 1.0), 0.0)
-    o_lo = acc_lo * inv[:, None]
-    o_hi = acc_hi * inv[:, None]
+    o_lo, o_hi = _nan_rows_with_nonfinite(acc_lo * inv[:, None], acc_hi * inv[:, None])
     if not SPLIT:  # (with a V rotation the wrapper always splits: the reduce kernel rotates)
         op = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g)[:, None] * stride_oh + cols[None, :]
         tl.store(op, o_lo.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
@@ -200,8 +223,7 @@ def _reduce_kernel(po_ptr, pl_ptr, vm_ptr, out_ptr, stride_ob, stride_oh, num_sp
         m = m_new
     nz = l > 0
     inv = tl.where(nz, 1.0 / tl.where(nz, l, 1.0), 0.0)
-    o_lo = acc_lo * inv[:, None]
-    o_hi = acc_hi * inv[:, None]
+    o_lo, o_hi = _nan_rows_with_nonfinite(acc_lo * inv[:, None], acc_hi * inv[:, None])
     if HAS_VM:
         o_lo, o_hi = _matmul_halves(o_lo, o_hi, vm_ptr, False, D, PREC)
     op = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g)[:, None] * stride_oh + cols[None, :]
@@ -240,8 +262,24 @@ def _num_sms(device) -> int:
     return _NUM_SMS[idx]
 
 
-#: Tunables (the bench/test scripts may override them).
-CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3, "waves": 2, "min_tiles_per_split": 2}
+#: Tunables (`sawint4 bench --only tune` re-measures them). Tile configs by regime: "many" when the
+#: batch alone gives at least 2 CTAs per SM (batch x KV heads >= 2 x SMs; smaller CTAs keep more
+#: tiles in flight per SM), "few" otherwise (the context is split; bigger tiles per step), and
+#: bf16 storage. Measured on the H200: docs/kernels.md.
+CONFIG = {
+    "many": {"block_n": 64, "num_warps": 2, "num_stages": 3},
+    "few": {"block_n": 128, "num_warps": 4, "num_stages": 3},
+    "bf16": {"block_n": 64, "num_warps": 4, "num_stages": 3},
+    "waves": 2,
+    "min_tiles_per_split": 2,
+}
+
+
+def tile_config(batch: int, kv_heads: int, storage: str, num_sms: int) -> dict:
+    """The CONFIG entry (block_n, num_warps, num_stages) used for a decode launch."""
+    if storage == "bf16":
+        return CONFIG["bf16"]
+    return CONFIG["many"] if batch * kv_heads >= 2 * num_sms else CONFIG["few"]
 
 
 def plan_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int, num_sms: int,
@@ -270,13 +308,13 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
     if query.stride(-1) != 1:
         query = query.contiguous()
     interp = pool.device.type == "cpu"
-    cfg = CONFIG
+    cfg = tile_config(bsz, h, storage, _num_sms(pool.device))
     block_n = 16 if interp else cfg["block_n"]
     gp = max(16, triton.next_power_of_2(g))
     max_tokens = block_table.shape[1] * t
     if num_splits is None:
-        splits, tps = plan_splits(bsz, h, max_tokens, block_n, _num_sms(pool.device), cfg["waves"],
-                                  cfg["min_tiles_per_split"])
+        splits, tps = plan_splits(bsz, h, max_tokens, block_n, _num_sms(pool.device), CONFIG["waves"],
+                                  CONFIG["min_tiles_per_split"])
     else:
         max_tiles = max(1, triton.cdiv(max_tokens, block_n))
         tps = triton.cdiv(max_tiles, max(1, num_splits))

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import STORAGE_CODE, _transform_rows
+from ._common import STORAGE_CODE, _nan_rows_with_nonfinite, _transform_rows
 from .decode import LOG2E, _code_offset, _dot_dtype, _load_kv_tile, _pool_views
 
 
@@ -44,14 +44,21 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_pt
     if MASK:
         vis = (tok[None, :] <= pos[:, None]) & tmask[None, :]
         s = tl.where(vis, s, float("-inf"))
+        # A non-finite V (quantized: stored with nan metadata; bf16: an inf/nan element) is kept out
+        # of the rows that cannot see it (their zero weight times it would leak nan into them) and
+        # the rows that see it become nan, like the reference. Off the diagonal every row sees
+        # every key: there the product itself carries the non-finite value (see
+        # _nan_rows_with_nonfinite at the end).
         if STORAGE != 0:
-            # a non-finite V is stored with nan metadata: keep it out of the rows that cannot see it
-            # (their zero weight times nan would leak it) and make the rows that see it nan, like the
-            # reference. Off the diagonal every row sees every key, and 0 * nan already gives nan.
             v_bad = vs != vs
-            sees_bad = tl.max((vis & v_bad[None, :]).to(tl.int32), 1) > 0
             vs = tl.where(v_bad, 0.0, vs)
             vmn = tl.where(v_bad, 0.0, vmn)
+        else:
+            v_bad = (tl.min((tl.abs(v_lo.to(tl.float32)) < float("inf")).to(tl.int32), 1) == 0) | \
+                    (tl.min((tl.abs(v_hi.to(tl.float32)) < float("inf")).to(tl.int32), 1) == 0)
+            v_lo = tl.where(v_bad[:, None], 0.0, v_lo).to(v_lo.dtype)
+            v_hi = tl.where(v_bad[:, None], 0.0, v_hi).to(v_hi.dtype)
+        sees_bad = tl.max((vis & v_bad[None, :]).to(tl.int32), 1) > 0
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
     alpha = tl.exp2(m_i - m_safe)
@@ -69,9 +76,8 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_pt
     acc_lo = tl.dot(pd, v_lo, acc_lo)
     acc_hi = tl.dot(pd, v_hi, acc_hi)
     if MASK:
-        if STORAGE != 0:
-            acc_lo = tl.where(sees_bad[:, None], float("nan"), acc_lo)
-            acc_hi = tl.where(sees_bad[:, None], float("nan"), acc_hi)
+        acc_lo = tl.where(sees_bad[:, None], float("nan"), acc_lo)
+        acc_hi = tl.where(sees_bad[:, None], float("nan"), acc_hi)
     return m_new, l_i, acc_lo, acc_hi
 
 
@@ -140,8 +146,7 @@ def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_ptr, sl
 
     nz = l_i > 0
     inv = tl.where(nz, 1.0 / tl.where(nz, l_i, 1.0), 0.0)
-    o_lo = acc_lo * inv[:, None]
-    o_hi = acc_hi * inv[:, None]
+    o_lo, o_hi = _nan_rows_with_nonfinite(acc_lo * inv[:, None], acc_hi * inv[:, None])
     if HAS_VM:
         # o = o' @ V: stage o' (fp32) in this program's own rows of a scratch buffer, then multiply in
         # chunks read back from it (keeps the [D, D] matrix out of registers)

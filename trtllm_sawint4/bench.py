@@ -23,6 +23,8 @@ QUICK_CONTEXTS = (2048, 8192, 32768)
 APPEND_TOKENS = (1024, 4096, 16384, 65536)
 PREFILL_CHUNKS = (512, 2048, 8192)
 PREFILL_PREFIXES = (0, 8192, 32768)
+TUNE_DECODE_TILES = ((32, 2), (64, 2), (64, 4), (128, 4), (128, 8))  # (block_n, warps)
+TUNE_DECODE_STAGES = (3, 4)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -292,33 +294,83 @@ def bench_prefill(rep_ms, t, mem_limit_gb):
 
 # ------------------------------------------------------------------------------------------ tuning
 def tune_decode(rep_ms, t, peak):
-    """Decode kernel configs on a few shapes (for choosing kernels.decode.CONFIG)."""
+    """Decode tile configs on a few shapes; sets kernels.decode.CONFIG["many"] / ["few"] to the
+    config with the least time relative to the best, summed over the shapes of each regime."""
     import importlib
-    import itertools
+
+    import torch
 
     dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
-
-    shapes = [(32, 8, 128, 64, 8192), (32, 8, 128, 8, 8192), (32, 8, 128, 1, 32768), (64, 8, 128, 128, 2048)]
-    base = dict(dmod.CONFIG)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    shapes = [(32, 8, 128, 64, 8192), (64, 8, 128, 128, 2048), (32, 8, 128, 8, 32768), (32, 8, 128, 1, 32768),
+              (9, 3, 64, 64, 8192)]
+    regime = {s: "many" if s[3] * s[1] >= 2 * sms else "few" for s in shapes}
+    grid = [dict(block_n=bn, num_warps=warps, num_stages=stages)
+            for bn, warps in TUNE_DECODE_TILES for stages in TUNE_DECODE_STAGES]
+    saved = {k: dict(dmod.CONFIG[k]) for k in ("many", "few")}
     rows = []
-    for block_n, warps, stages in itertools.product((32, 64), (4, 8), (2, 3, 4)):
-        dmod.CONFIG.update(block_n=block_n, num_warps=warps, num_stages=stages)
-        for hq, hkv, d, b, ctx in shapes:
-            r = _decode_int4_only(hq, hkv, d, b, ctx, t, rep_ms)
-            rows.append({"block_n": block_n, "warps": warps, "stages": stages, "shape": [hq, hkv, d, b, ctx],
-                         "ms": r[0], "frac_bw": r[1] / peak})
-            print(f"tune bn={block_n} w={warps} s={stages} {hq}/{hkv}/{d} b={b} ctx={ctx}: "
-                  f"{r[0] * 1e3:.1f} us {r[1]:.2f} TB/s {r[1] / peak:.0%}", flush=True)
-    # keep the config with the least total time over the shapes
-    totals = {}
-    for r in rows:
-        key = (r["block_n"], r["warps"], r["stages"])
-        totals[key] = totals.get(key, 0.0) + r["ms"]
-    best = min(totals, key=totals.get)
-    dmod.CONFIG.clear()
-    dmod.CONFIG.update(base)
-    dmod.CONFIG.update(block_n=best[0], num_warps=best[1], num_stages=best[2])
+    for cfg in grid:
+        for shape in shapes:
+            hq, hkv, d, b, ctx = shape
+            dmod.CONFIG[regime[shape]] = cfg
+            try:
+                r = _decode_int4_only(hq, hkv, d, b, ctx, t, rep_ms)
+            except Exception as e:  # a config that does not compile (shared memory, registers)
+                print(f"tune {cfg}: failed {str(e)[:80]}", flush=True)
+                break
+            rows.append({**cfg, "shape": list(shape), "regime": regime[shape], "ms": r[0], "frac_bw": r[1] / peak})
+            print(f"tune {regime[shape]} bn={cfg['block_n']} w={cfg['num_warps']} s={cfg['num_stages']} "
+                  f"{hq}/{hkv}/{d} b={b} ctx={ctx}: {r[0] * 1e3:.1f} us {r[1]:.2f} TB/s {r[1] / peak:.0%}", flush=True)
+        dmod.CONFIG.update({k: dict(v) for k, v in saved.items()})
+    for name in ("many", "few"):
+        mine = [r for r in rows if r["regime"] == name]
+        best_of = {}
+        for r in mine:
+            best_of[tuple(r["shape"])] = min(best_of.get(tuple(r["shape"]), math.inf), r["ms"])
+        score = {}
+        for r in mine:
+            key = (r["block_n"], r["num_warps"], r["num_stages"])
+            score.setdefault(key, []).append(r["ms"] / best_of[tuple(r["shape"])])
+        complete = {k: sum(v) for k, v in score.items() if len(v) == len(best_of)}
+        if complete:
+            bn, warps, stages = min(complete, key=complete.get)
+            dmod.CONFIG[name] = dict(block_n=bn, num_warps=warps, num_stages=stages)
     print(f"tune: decode config now {dmod.CONFIG}")
+    return rows
+
+
+def tune_append(rep_ms, t):
+    """Append tile configs (tokens per program, warps) at 16k tokens, 8 KV heads, head_dim 128."""
+    import importlib
+
+    import torch
+
+    from . import kernels
+    from .spec import KVCacheSpec
+    from .transforms import build_layer_transform
+
+    amod = importlib.import_module("trtllm_sawint4.kernels.append")
+    n, h, d, rows = 16384, 8, 128, []
+    for fmt, key in (("int4", "plain"), ("saw_int4", "transform")):
+        spec = KVCacheSpec(d, h, t, kv_format=fmt)
+        tf = build_layer_transform(spec).to("cuda")
+        nb = n // t + 1
+        k = torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        pool = torch.zeros(spec.pool_shape(nb), dtype=torch.uint8, device="cuda")
+        slots = torch.randperm(nb * t, device="cuda")[:n]
+        torch.cuda.synchronize()
+        timed = {}
+        for cfg in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8)):
+            amod.CONFIG[key] = cfg
+            ms = _bench(lambda: kernels.append(pool, k, v, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage,
+                                               "fp16"), rep_ms, graph=True)
+            tbps = (2 * n * h * d * 2 + n * spec.bytes_per_token) / ms / 1e9
+            rows.append({"format": fmt, "block_n": cfg[0], "warps": cfg[1], "us": ms * 1e3, "tbps": tbps})
+            print(f"tune append {fmt} bn={cfg[0]} w={cfg[1]}: {ms * 1e3:.1f} us {tbps:.2f} TB/s", flush=True)
+            timed[cfg] = ms
+        amod.CONFIG[key] = min(timed, key=timed.get)
+    print(f"tune: append config now {amod.CONFIG}")
     return rows
 
 
@@ -452,6 +504,8 @@ def run(args) -> int:
 
     if "tune" in parts:
         result["tune"] = tune_decode(args.rep_ms, t, peak)
+    if "tuneappend" in parts:
+        result["tune_append"] = tune_append(args.rep_ms, t)
     if "tuneprefill" in parts:
         result["tune_prefill"] = tune_prefill(args.rep_ms, t)
 

@@ -321,17 +321,10 @@ def test_sanitizer_noncontiguous_data_tensors_match_contiguous(K):
 
 
 # ---- values through the kernels' attention --------------------------------------------------------------
-KERNEL_BF16_V = pytest.mark.xfail(strict=True, reason="kernels/decode.py and kernels/prefill.py treat bf16 V "
-                                  "element-wise (an inf channel gives an inf channel); the reference (since "
-                                  "5aee4f9) makes the whole output nan for queries that see a non-finite vector")
-KERNEL_EARLIER_NAN = pytest.mark.xfail(strict=True, reason="bf16 storage: kernels/prefill.py multiplies masked "
-                                       "(zero) probabilities by a non-finite V in the same tile, so causally "
-                                       "earlier queries come out nan (fixed for the quantized storages)")
 FORMATS_WHERE = [(f, w) for f in ["int4", "int8", "saw_int4_v", "saw_int4_fp32meta", "bf16"] for w in ["k", "v"]]
 
 
-@pytest.mark.parametrize("fmt, where", [pytest.param(f, w, marks=KERNEL_BF16_V) if (f, w) == ("bf16", "v")
-                                        else (f, w) for f, w in FORMATS_WHERE])
+@pytest.mark.parametrize("fmt, where", FORMATS_WHERE)
 def test_nonfinite_tokens_poison_exactly_the_decode_queries_that_see_them(K, fmt, where):
     """Each edge row alone in a one-token sequence: nan exactly for the non-finite rows (all channels of
     the KV head's queries), finite for every finite row (saturation), other KV head always clean."""
@@ -373,16 +366,14 @@ def _prefill_with_nan_at_5(K, fmt, where):
                         spec.storage, spec.metadata_dtype)
 
 
-@pytest.mark.parametrize("fmt, where", [pytest.param(f, w, marks=KERNEL_BF16_V) if (f, w) == ("bf16", "v")
-                                        else (f, w) for f, w in FORMATS_WHERE])
+@pytest.mark.parametrize("fmt, where", FORMATS_WHERE)
 def test_nonfinite_token_poisons_later_prefill_queries_of_its_head(K, fmt, where):
     out = _prefill_with_nan_at_5(K, fmt, where)
     assert bool(torch.isnan(out[5:12, :2]).all())
     assert bool(torch.isfinite(out[:, 2:]).all()) and bool(torch.isfinite(out[12:]).all())
 
 
-@pytest.mark.parametrize("fmt, where", [pytest.param(f, w, marks=KERNEL_EARLIER_NAN) if (f, w) == ("bf16", "v")
-                                        else (f, w) for f, w in FORMATS_WHERE])
+@pytest.mark.parametrize("fmt, where", FORMATS_WHERE)
 def test_nonfinite_token_leaves_causally_earlier_prefill_queries_finite(K, fmt, where):
     out = _prefill_with_nan_at_5(K, fmt, where)
     assert bool(torch.isfinite(out[:5]).all())

@@ -97,6 +97,26 @@ def _load_meta(poolf_ptr, mbase, row, tmask, T: tl.constexpr, META32: tl.constex
 
 
 @triton.jit
+def _tile_block_ids(bt_row, n0, limit, BLOCK_N: tl.constexpr, T: tl.constexpr):
+    """Block ids of the tile of tokens [n0, n0 + BLOCK_N) (0 at and past `limit`): one id when the
+    tile lies in one block (BLOCK_N <= T), else one per token."""
+    if BLOCK_N <= T:
+        return tl.load(bt_row + n0 // T, mask=n0 < limit, other=0)
+    else:
+        tok = n0 + tl.arange(0, BLOCK_N)
+        return tl.load(bt_row + tok // T, mask=tok < limit, other=0)
+
+
+@triton.jit
+def _tile_rows(n0, BLOCK_N: tl.constexpr, T: tl.constexpr):
+    """Row (token slot within its block) of each token of the tile starting at token n0."""
+    if BLOCK_N <= T:  # n0 is a multiple of BLOCK_N: one contiguous run of rows
+        return n0 % T + tl.arange(0, BLOCK_N)
+    else:
+        return (n0 + tl.arange(0, BLOCK_N)) % T
+
+
+@triton.jit
 def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr, vm_ptr, out_ptr, po_ptr, pl_ptr,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_bt, qk_scale, tiles_per_split,
                    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
@@ -135,21 +155,14 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_ptr, sl_
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     # Block ids are read one tile ahead into a loop-carried value: a code load whose address comes
     # from a load in the same iteration gets a single pipeline buffer from Triton's pipeliner.
-    if BLOCK_N <= T:  # a tile lies in one block: one block id, one contiguous region slice
-        blk_next = tl.load(bt_row + (t0 * BLOCK_N) // T, mask=t0 < t1, other=0)
-    else:
-        tok0 = t0 * BLOCK_N + tl.arange(0, BLOCK_N)
-        blk_next = tl.load(bt_row + tok0 // T, mask=tok0 < seq_len, other=0)
+    id_limit = tl.minimum(seq_len, t1 * BLOCK_N)
+    blk_next = _tile_block_ids(bt_row, t0 * BLOCK_N, id_limit, BLOCK_N, T)
     for t in range(t0, t1):
         tok = t * BLOCK_N + tl.arange(0, BLOCK_N)
         tmask = tok < seq_len
         blk = blk_next.to(tl.int64)
-        if BLOCK_N <= T:
-            blk_next = tl.load(bt_row + ((t + 1) * BLOCK_N) // T, mask=t + 1 < t1, other=0)
-            row = (t * BLOCK_N) % T + tl.arange(0, BLOCK_N)
-        else:
-            blk_next = tl.load(bt_row + (tok + BLOCK_N) // T, mask=tok + BLOCK_N < seq_len, other=0)
-            row = tok % T
+        blk_next = _tile_block_ids(bt_row, (t + 1) * BLOCK_N, id_limit, BLOCK_N, T)
+        row = _tile_rows(t * BLOCK_N, BLOCK_N, T)
         kbase = (blk * 2 * H + h) * R
         k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT, PREC != 0)
         v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT, PREC != 0)

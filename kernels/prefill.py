@@ -17,23 +17,18 @@ import triton
 import triton.language as tl
 
 from ._common import STORAGE_CODE, _nan_rows_with_nonfinite, _transform_rows
-from .decode import LOG2E, _code_offset, _dot_dtype, _load_kv_tile, _pool_views
+from .decode import LOG2E, _code_offset, _dot_dtype, _load_kv_tile, _pool_views, _tile_block_ids, _tile_rows
 
 
 @triton.jit
-def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_row, h, n0, pos, seq_len,
+def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, blk, h, n0, pos, seq_len,
                   MASK: tl.constexpr, H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
                   STORAGE: tl.constexpr, META32: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
                   ASM: tl.constexpr):
     tok = n0 + tl.arange(0, BLOCK_N)
     tmask = tok < seq_len
-    if BLOCK_N <= T:  # the tile lies in one block
-        blk = tl.load(bt_row + n0 // T).to(tl.int64)
-        row = n0 % T + tl.arange(0, BLOCK_N)
-    else:
-        blk = tl.load(bt_row + tok // T, mask=tmask, other=0).to(tl.int64)
-        row = tok % T
-    kbase = (blk * 2 * H + h) * R
+    row = _tile_rows(n0, BLOCK_N, T)
+    kbase = (blk.to(tl.int64) * 2 * H + h) * R
     k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT, ASM)
     v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT, ASM)
     off = _code_offset(STORAGE, DT)
@@ -135,12 +130,18 @@ def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_ptr, sl
     kv_end = tl.where(valid & (last_row >= tile * BLOCK_M), seq_len - q_len + last_row + 1, 0)
     n_full = tl.where(valid, (pos_first + 1) // BLOCK_N, 0)
     n_full = tl.minimum(n_full, tl.cdiv(kv_end, BLOCK_N))
+    # block ids one tile ahead (see kernels/decode.py: keeps the tile loads multi-buffered)
+    blk_next = _tile_block_ids(bt_row, 0, kv_end, BLOCK_N, T)
     for n in range(0, n_full):
-        m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_row,
+        blk = blk_next
+        blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
+        m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, blk,
                                                  h, n * BLOCK_N, pos, seq_len, False, H, D, T, R, STORAGE,
                                                  META32, BLOCK_N, DT, PREC != 0)
     for n in range(n_full, tl.cdiv(kv_end, BLOCK_N)):
-        m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_row,
+        blk = blk_next
+        blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
+        m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, blk,
                                                  h, n * BLOCK_N, pos, seq_len, True, H, D, T, R, STORAGE,
                                                  META32, BLOCK_N, DT, PREC != 0)
 

@@ -25,6 +25,8 @@ PREFILL_CHUNKS = (512, 2048, 8192)
 PREFILL_PREFIXES = (0, 8192, 32768)
 TUNE_DECODE_TILES = ((32, 2), (64, 2), (64, 4), (128, 4), (128, 8))  # (block_n, warps)
 TUNE_DECODE_STAGES = (3, 4)
+TUNE_PREFILL_FORMATS = ("saw_int4",)  # bf16 storage already beats SDPA with its config
+TUNE_PREFILL_STAGES = (3,)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -335,6 +337,24 @@ def tune_decode(rep_ms, t, peak):
         if complete:
             bn, warps, stages = min(complete, key=complete.get)
             dmod.CONFIG[name] = dict(block_n=bn, num_warps=warps, num_stages=stages)
+    # split granularity for the split regime: CTAs per SM aimed at, and tiles per split at least
+    few = [s for s in shapes if regime[s] == "few"] + [(32, 8, 128, 1, 2048)]
+    saved = (dmod.CONFIG["waves"], dmod.CONFIG["min_tiles_per_split"])
+    timed = {}
+    for waves in (1, 2, 4, 8):
+        for min_tiles in (1, 2, 4):
+            dmod.CONFIG.update(waves=waves, min_tiles_per_split=min_tiles)
+            total = 0.0
+            for hq, hkv, d, b, ctx in few:
+                ms, tbps = _decode_int4_only(hq, hkv, d, b, ctx, t, rep_ms)
+                total += ms
+                rows.append({"waves": waves, "min_tiles_per_split": min_tiles, "shape": [hq, hkv, d, b, ctx], "ms": ms,
+                             "frac_bw": tbps / peak})
+                print(f"tune few waves={waves} min_tiles={min_tiles} {hq}/{hkv}/{d} b={b} ctx={ctx}: "
+                      f"{ms * 1e3:.1f} us {tbps:.2f} TB/s", flush=True)
+            timed[(waves, min_tiles)] = total
+    best = min(timed, key=timed.get) if timed else saved
+    dmod.CONFIG.update(waves=best[0], min_tiles_per_split=best[1])
     print(f"tune: decode config now {dmod.CONFIG}")
     return rows
 
@@ -392,7 +412,7 @@ def tune_prefill(rep_ms, t):
     q = torch.randn(chunk, hq, d, device="cuda", dtype=torch.bfloat16)
     sl = torch.tensor([total], dtype=torch.int32, device="cuda")
     qsl = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
-    for fmt in ("saw_int4", "bf16"):
+    for fmt in TUNE_PREFILL_FORMATS:
         spec = KVCacheSpec(d, hkv, t, kv_format=fmt)
         tf = build_layer_transform(spec).to("cuda")
         nb = -(-total // t)
@@ -401,7 +421,7 @@ def tune_prefill(rep_ms, t):
         table_cfg = pmod.CONFIG_BF16 if fmt == "bf16" else pmod.CONFIG
         base = table_cfg[d]
         best = (float("inf"), base)
-        for bm, bn, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (2, 3)):
+        for bm, bn, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), TUNE_PREFILL_STAGES):
             if bm == 64 and warps == 8:
                 continue
             table_cfg[d] = (bm, bn, warps, stages)

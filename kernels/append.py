@@ -124,7 +124,7 @@ def _append_kernel(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, key_ptr, val_ptr, 
 
 #: (BLOCK_N tokens per program, num_warps) at head_dim <= 128 (halved tokens, 8 warps above);
 #: `sawint4 bench --only tuneappend` re-measures them.
-CONFIG = {"plain": (64, 4), "transform": (64, 4)}
+CONFIG = {"plain": (32, 4), "transform": (64, 4)}
 
 
 def _contig_last(x: torch.Tensor) -> torch.Tensor:

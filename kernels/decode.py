@@ -276,9 +276,9 @@ def _num_sms(device) -> int:
 
 
 #: Tunables (`sawint4 bench --only tune` re-measures them). Tile configs by regime: "many" when the
-#: batch alone gives at least 2 CTAs per SM (batch x KV heads >= 2 x SMs; smaller CTAs keep more
-#: tiles in flight per SM), "few" otherwise (the context is split; bigger tiles per step), and
-#: bf16 storage. Measured on the H200: docs/kernels.md.
+#: batch alone gives at least 2 CTAs per SM (batch x KV heads >= 2 x SMs, head_dim >= 128; smaller
+#: CTAs keep more tiles in flight per SM), "few" otherwise (the context is split; bigger tiles per
+#: step), and bf16 storage. Measured on the H200: docs/kernels.md.
 CONFIG = {
     "many": {"block_n": 64, "num_warps": 2, "num_stages": 3},
     "few": {"block_n": 128, "num_warps": 4, "num_stages": 3},
@@ -288,11 +288,13 @@ CONFIG = {
 }
 
 
-def tile_config(batch: int, kv_heads: int, storage: str, num_sms: int) -> dict:
-    """The CONFIG entry (block_n, num_warps, num_stages) used for a decode launch."""
+def tile_config(batch: int, kv_heads: int, head_dim: int, storage: str, num_sms: int) -> dict:
+    """The CONFIG entry (block_n, num_warps, num_stages) used for a decode launch. The "many"
+    tiles pay off at head_dim 128 and up; at 64 a tile is half the bytes and "few" stays faster."""
     if storage == "bf16":
         return CONFIG["bf16"]
-    return CONFIG["many"] if batch * kv_heads >= 2 * num_sms else CONFIG["few"]
+    many = batch * kv_heads >= 2 * num_sms and head_dim >= 128
+    return CONFIG["many"] if many else CONFIG["few"]
 
 
 def plan_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int, num_sms: int,
@@ -321,7 +323,7 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
     if query.stride(-1) != 1:
         query = query.contiguous()
     interp = pool.device.type == "cpu"
-    cfg = tile_config(bsz, h, storage, _num_sms(pool.device))
+    cfg = tile_config(bsz, h, d, storage, _num_sms(pool.device))
     block_n = 16 if interp else cfg["block_n"]
     gp = max(16, triton.next_power_of_2(g))
     max_tokens = block_table.shape[1] * t

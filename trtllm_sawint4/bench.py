@@ -306,7 +306,7 @@ def tune_decode(rep_ms, t, peak):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     shapes = [(32, 8, 128, 64, 8192), (64, 8, 128, 128, 2048), (32, 8, 128, 8, 32768), (32, 8, 128, 1, 32768),
               (9, 3, 64, 64, 8192)]
-    regime = {s: "many" if s[3] * s[1] >= 2 * sms else "few" for s in shapes}
+    regime = {s: "many" if s[3] * s[1] >= 2 * sms and s[2] >= 128 else "few" for s in shapes}
     grid = [dict(block_n=bn, num_warps=warps, num_stages=stages)
             for bn, warps in TUNE_DECODE_TILES for stages in TUNE_DECODE_STAGES]
     saved = {k: dict(dmod.CONFIG[k]) for k in ("many", "few")}

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="./bench_out", help="folder for bench.json and bench.png")
     parser.add_argument("--quick", action="store_true", help="a subset of the decode grid")
     parser.add_argument("--only", default="bandwidth,decode,append,prefill",
-                        help="comma-separated parts: bandwidth, decode, append, prefill, tune")
+                        help="comma-separated parts: decode, append, prefill, and tune, tuneappend, tuneprefill "
+                             "(re-tune the kernel configs for this run first); bandwidth is always measured")
     parser.add_argument("--tokens-per-block", type=int, default=64)
     parser.add_argument("--mem-limit-gb", type=float, default=100.0, help="skip points needing more GPU memory")
     parser.add_argument("--rep-ms", type=float, default=40.0, help="do_bench repetition time per measurement")

@@ -1,0 +1,32 @@
+"""The decode and prefill loops keep their K/V tile loads double-buffered and their metadata loads
+asynchronous (compiled for sm_90 on the CPU, no GPU needed). Both were lost before without any test
+failing, each costing a full DRAM latency per tile (docs/kernels.md, "Keeping the loads in flight")."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "inspect_kernels.py"
+
+
+def _inspect(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+@pytest.mark.parametrize("op, extra", [("decode", ["--block-n", "64", "--warps", "2", "--stages", "3"]),
+                                       ("prefill", [])])
+def test_int4_tiles_are_double_buffered_and_metadata_async(op, extra):
+    report = _inspect(op, "--format", "saw_int4", *extra)
+    buffers = report.split("shared buffers:")[1].splitlines()[0]
+    assert "'2x64x64xi8'" in buffers, report  # code tiles: two buffers
+    assert "'2x64x2xf32'" in buffers, report  # scale/min words: pipelined (cp.async), two buffers
+    # inside the loops only the block id of the next tile is loaded synchronously (one per loop)
+    sync = int(report.split("synchronous loads inside loops:")[1].split()[0])
+    assert sync <= (1 if op == "decode" else 2), report

@@ -201,10 +201,10 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_ptr, sl_
     else:
         lse = tl.where(nz, m_i + tl.log2(tl.where(nz, l_i, 1.0)), float("-inf"))
         idx = (b * H + h) * num_splits + sp
-        tl.store(pl_ptr + idx.to(tl.int64) * GP + g, lse)
+        tl.store(pl_ptr + idx.to(tl.int64) * GP + g, lse, mask=gmask)  # only the G real rows
         pp = po_ptr + (idx.to(tl.int64) * GP + g)[:, None] * D + cols[None, :]
-        tl.store(pp, o_lo)
-        tl.store(pp + HALF, o_hi)
+        tl.store(pp, o_lo, mask=gmask[:, None])
+        tl.store(pp + HALF, o_hi, mask=gmask[:, None])
 
 
 @triton.jit
@@ -223,15 +223,15 @@ def _reduce_kernel(po_ptr, pl_ptr, vm_ptr, out_ptr, stride_ob, stride_oh, num_sp
     acc_lo = tl.zeros([GP, HALF], tl.float32)
     acc_hi = tl.zeros([GP, HALF], tl.float32)
     for s in range(num_splits):
-        lse = tl.load(pl_ptr + (base + s) * GP + g)
+        lse = tl.load(pl_ptr + (base + s) * GP + g, mask=gmask, other=float("-inf"))
         m_new = tl.maximum(m, lse)
         ok = m_new > float("-inf")
         m_safe = tl.where(ok, m_new, 0.0)
         alpha = tl.where(ok, tl.exp2(m - m_safe), 0.0)
         w = tl.where(ok, tl.exp2(lse - m_safe), 0.0)
         pp = po_ptr + ((base + s) * GP + g)[:, None] * D + cols[None, :]
-        acc_lo = acc_lo * alpha[:, None] + w[:, None] * tl.load(pp)
-        acc_hi = acc_hi * alpha[:, None] + w[:, None] * tl.load(pp + HALF)
+        acc_lo = acc_lo * alpha[:, None] + w[:, None] * tl.load(pp, mask=gmask[:, None], other=0.0)
+        acc_hi = acc_hi * alpha[:, None] + w[:, None] * tl.load(pp + HALF, mask=gmask[:, None], other=0.0)
         l = l * alpha + w
         m = m_new
     nz = l > 0
@@ -278,12 +278,12 @@ def _num_sms(device) -> int:
 #: Tunables (`sawint4 bench --only tune` re-measures them). Tile configs by regime: "many" when the
 #: batch alone gives at least 2 CTAs per SM (batch x KV heads >= 2 x SMs, head_dim >= 128; smaller
 #: CTAs keep more tiles in flight per SM), "few" otherwise (the context is split; bigger tiles per
-#: step), and bf16 storage. Measured on the H200: docs/kernels.md.
+#: step), and bf16 storage. "waves": the split count aims at waves x SMs programs (plan_splits).
+#: Measured on the H200: docs/kernels.md.
 CONFIG = {
-    "many": {"block_n": 64, "num_warps": 2, "num_stages": 3},
-    "few": {"block_n": 128, "num_warps": 4, "num_stages": 3},
-    "bf16": {"block_n": 64, "num_warps": 4, "num_stages": 2},  # 32 KB tiles: one buffer keeps 2x the CTAs
-    "waves": 2,
+    "many": {"block_n": 64, "num_warps": 2, "num_stages": 3, "waves": 2},
+    "few": {"block_n": 128, "num_warps": 4, "num_stages": 3, "waves": 2},
+    "bf16": {"block_n": 64, "num_warps": 4, "num_stages": 2, "waves": 2},  # 32 KB tiles: one buffer keeps 2x the CTAs
     "min_tiles_per_split": 2,
 }
 
@@ -328,7 +328,7 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
     gp = max(16, triton.next_power_of_2(g))
     max_tokens = block_table.shape[1] * t
     if num_splits is None:
-        splits, tps = plan_splits(bsz, h, max_tokens, block_n, _num_sms(pool.device), CONFIG["waves"],
+        splits, tps = plan_splits(bsz, h, max_tokens, block_n, _num_sms(pool.device), cfg["waves"],
                                   CONFIG["min_tiles_per_split"])
     else:
         max_tiles = max(1, triton.cdiv(max_tokens, block_n))

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="./bench_out", help="folder for bench.json and bench.png")
     parser.add_argument("--quick", action="store_true", help="a subset of the decode grid")
     parser.add_argument("--only", default="bandwidth,decode,append,prefill",
-                        help="comma-separated parts: decode, append, prefill, and tune, tuneappend, tuneprefill "
+                        help="comma-separated parts: decode, append, prefill, and tune, tunesplit, tuneappend, tuneprefill "
                              "(re-tune the kernel configs for this run first); bandwidth is always measured")
     parser.add_argument("--tokens-per-block", type=int, default=64)
     parser.add_argument("--mem-limit-gb", type=float, default=100.0, help="skip points needing more GPU memory")
@@ -315,7 +315,7 @@ def tune_decode(rep_ms, t, peak):
     for cfg in grid:
         for shape in shapes:
             hq, hkv, d, b, ctx = shape
-            dmod.CONFIG[regime[shape]] = cfg
+            dmod.CONFIG[regime[shape]] = {**saved[regime[shape]], **cfg}
             try:
                 r = _decode_int4_only(hq, hkv, d, b, ctx, t, rep_ms)
             except Exception as e:  # a config that does not compile (shared memory, registers)
@@ -337,25 +337,37 @@ def tune_decode(rep_ms, t, peak):
         complete = {k: sum(v) for k, v in score.items() if len(v) == len(best_of)}
         if complete:
             bn, warps, stages = min(complete, key=complete.get)
-            dmod.CONFIG[name] = dict(block_n=bn, num_warps=warps, num_stages=stages)
-    # split granularity for the split regime: CTAs per SM aimed at, and tiles per split at least
-    few = [s for s in shapes if regime[s] == "few"] + [(32, 8, 128, 1, 2048)]
-    saved = (dmod.CONFIG["waves"], dmod.CONFIG["min_tiles_per_split"])
-    timed = {}
-    for waves in (1, 2, 4, 8):
-        for min_tiles in (1, 2, 4):
-            dmod.CONFIG.update(waves=waves, min_tiles_per_split=min_tiles)
+            dmod.CONFIG[name] = {**dmod.CONFIG[name], "block_n": bn, "num_warps": warps, "num_stages": stages}
+    return tune_decode_splits(rep_ms, t, peak, rows)
+
+
+def tune_decode_splits(rep_ms, t, peak, rows=None):
+    """Split granularity per regime (CONFIG[regime]["waves"]: the split count aims at waves x SMs
+    programs), on the regime's shapes; sets the fastest in total."""
+    import importlib
+
+    import torch
+
+    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = [] if rows is None else rows
+    shapes = {"many": [(32, 8, 128, 64, 2048), (32, 8, 128, 64, 8192), (32, 8, 128, 64, 32768), (32, 8, 128, 128, 8192)],
+              "few": [(32, 8, 128, 8, 32768), (32, 8, 128, 1, 32768), (32, 8, 128, 1, 2048), (9, 3, 64, 64, 8192)]}
+    for name, waves_grid in (("many", (2, 4, 8, 12, 16, 24)), ("few", (1, 2, 4, 8))):
+        timed = {}
+        for waves in waves_grid:
+            dmod.CONFIG[name] = {**dmod.CONFIG[name], "waves": waves}
             total = 0.0
-            for hq, hkv, d, b, ctx in few:
+            for hq, hkv, d, b, ctx in shapes[name]:
+                assert (b * hkv >= 2 * sms and d >= 128) == (name == "many")
                 ms, tbps = _decode_int4_only(hq, hkv, d, b, ctx, t, rep_ms)
                 total += ms
-                rows.append({"waves": waves, "min_tiles_per_split": min_tiles, "shape": [hq, hkv, d, b, ctx], "ms": ms,
+                rows.append({"regime": name, "waves": waves, "shape": [hq, hkv, d, b, ctx], "ms": ms,
                              "frac_bw": tbps / peak})
-                print(f"tune few waves={waves} min_tiles={min_tiles} {hq}/{hkv}/{d} b={b} ctx={ctx}: "
-                      f"{ms * 1e3:.1f} us {tbps:.2f} TB/s", flush=True)
-            timed[(waves, min_tiles)] = total
-    best = min(timed, key=timed.get) if timed else saved
-    dmod.CONFIG.update(waves=best[0], min_tiles_per_split=best[1])
+                print(f"tune {name} waves={waves} {hq}/{hkv}/{d} b={b} ctx={ctx}: {ms * 1e3:.1f} us "
+                      f"{tbps:.2f} TB/s {tbps / peak:.0%}", flush=True)
+            timed[waves] = total
+        dmod.CONFIG[name] = {**dmod.CONFIG[name], "waves": min(timed, key=timed.get)}
     print(f"tune: decode config now {dmod.CONFIG}")
     return rows
 
@@ -525,6 +537,8 @@ def run(args) -> int:
 
     if "tune" in parts:
         result["tune"] = tune_decode(args.rep_ms, t, peak)
+    if "tunesplit" in parts and "tune" not in parts:
+        result["tune_split"] = tune_decode_splits(args.rep_ms, t, peak)
     if "tuneappend" in parts:
         result["tune_append"] = tune_append(args.rep_ms, t)
     if "tuneprefill" in parts:

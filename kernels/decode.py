@@ -278,13 +278,15 @@ def _num_sms(device) -> int:
 #: Tunables (`sawint4 bench --only tune` re-measures them). Tile configs by regime: "many" when the
 #: batch alone gives at least 2 CTAs per SM (batch x KV heads >= 2 x SMs, head_dim >= 128; smaller
 #: CTAs keep more tiles in flight per SM), "few" otherwise (the context is split; bigger tiles per
-#: step), and bf16 storage. "waves": the split count aims at waves x SMs programs (plan_splits).
+#: step), and bf16 storage. Splits (plan_splits): aim at waves x SMs programs, each with at least
+#: min_tiles_per_split tiles.
 #: Measured on the H200: docs/kernels.md.
 CONFIG = {
-    "many": {"block_n": 64, "num_warps": 2, "num_stages": 3, "waves": 2},
-    "few": {"block_n": 128, "num_warps": 4, "num_stages": 3, "waves": 2},
-    "bf16": {"block_n": 64, "num_warps": 4, "num_stages": 2, "waves": 2},  # 32 KB tiles: one buffer keeps 2x the CTAs
-    "min_tiles_per_split": 2,
+    # "many": 512 programs of 4-6 resident per SM fill 0.65 of the GPU (ncu): split long contexts in 3
+    "many": {"block_n": 64, "num_warps": 2, "num_stages": 3, "waves": 8, "min_tiles_per_split": 32},
+    "few": {"block_n": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "min_tiles_per_split": 2},
+    # bf16: 32 KB tiles, one buffer keeps twice the programs resident
+    "bf16": {"block_n": 64, "num_warps": 4, "num_stages": 2, "waves": 2, "min_tiles_per_split": 2},
 }
 
 
@@ -329,7 +331,7 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
     max_tokens = block_table.shape[1] * t
     if num_splits is None:
         splits, tps = plan_splits(bsz, h, max_tokens, block_n, _num_sms(pool.device), cfg["waves"],
-                                  CONFIG["min_tiles_per_split"])
+                                  cfg["min_tiles_per_split"])
     else:
         max_tiles = max(1, triton.cdiv(max_tokens, block_n))
         tps = triton.cdiv(max_tiles, max(1, num_splits))

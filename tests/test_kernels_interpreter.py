@@ -298,3 +298,17 @@ def test_int4_code_offset_path_fp16(K, fmt, meta, d, t, lens):
         assert err < 1e-2, f"prefill relative error {err:.2e}"
     finally:
         K["decode"].INTERP_DOT_DTYPE = None
+
+
+def test_split_plan_of_the_tuned_regimes():
+    """The split counts the H200 measurements were taken with (docs/kernels.md, session 2): the
+    "many" regime splits long contexts in 2-3 and leaves <= 2k tokens whole; "few" aims at 2 waves."""
+    from trtllm_sawint4.kernels.decode import CONFIG, plan_splits
+
+    def splits(regime, batch, heads, ctx):
+        c = CONFIG[regime]
+        return plan_splits(batch, heads, ctx, c["block_n"], 132, c["waves"], c["min_tiles_per_split"])[0]
+
+    assert [splits("many", 64, 8, n) for n in (1024, 2048, 8192, 32768)] == [1, 1, 3, 3]
+    assert splits("many", 128, 8, 8192) == 2
+    assert splits("few", 8, 8, 32768) == 5 and splits("few", 1, 8, 32768) == 32

@@ -157,6 +157,31 @@ def test_decode(K, fmt, meta, d, h, group, t, dtype):
         _close(got[1:], want[1:])
 
 
+@pytest.mark.parametrize("regime", ["many", "few"])
+@pytest.mark.parametrize("fmt,t", [("saw_int4", 64), ("saw_int4", 16), ("int4", 128)])
+def test_decode_each_tile_config(K, monkeypatch, regime, fmt, t):
+    """Every tile config of kernels.decode.CONFIG, split and unsplit, whatever shape selects it
+    (the shapes that select "many" are too big for a quick reference comparison)."""
+    import importlib
+
+    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
+    monkeypatch.setattr(dmod, "tile_config", lambda *a: dmod.CONFIG[regime])
+    torch.manual_seed(2)
+    lens = [1, 700, 3001, 4096, 65, 2048]
+    spec = _spec(fmt, 128, 4, t)
+    tf = _tf(spec)
+    nb = sum(-(-l // t) for l in lens) + 5
+    pool = _filled_pool(spec, tf, nb)
+    table = _block_table(lens, t, nb)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    q = torch.randn(len(lens), 16, 128, device=DEV).to(torch.bfloat16)
+    want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16")
+    for splits in (None, 1, 3):
+        got = K.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16",
+                       num_splits=splits)
+        _close(got, want)
+
+
 def test_decode_cuda_graph(K):
     """A decode step captured in a CUDA graph and replayed with new lengths/queries equals eager."""
     torch.manual_seed(2)

@@ -307,7 +307,8 @@ def tune_decode(rep_ms, t, peak):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     shapes = [(32, 8, 128, 64, 8192), (64, 8, 128, 128, 2048), (32, 8, 128, 8, 32768), (32, 8, 128, 1, 32768),
               (9, 3, 64, 64, 8192)]
-    regime = {s: "many" if s[3] * s[1] >= 2 * sms and s[2] >= 128 else "few" for s in shapes}
+    regime = {s: "many" if dmod.tile_config(s[3], s[1], s[2], "int4", sms) is dmod.CONFIG["many"] else "few"
+              for s in shapes}
     grid = [dict(block_n=bn, num_warps=warps, num_stages=stages)
             for bn, warps in TUNE_DECODE_TILES for stages in TUNE_DECODE_STAGES]
     saved = {k: dict(dmod.CONFIG[k]) for k in ("many", "few")}
@@ -351,15 +352,17 @@ def tune_decode_splits(rep_ms, t, peak, rows=None):
     dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = [] if rows is None else rows
-    shapes = {"many": [(32, 8, 128, 64, 2048), (32, 8, 128, 64, 8192), (32, 8, 128, 64, 32768), (32, 8, 128, 128, 8192)],
-              "few": [(32, 8, 128, 8, 32768), (32, 8, 128, 1, 32768), (32, 8, 128, 1, 2048), (9, 3, 64, 64, 8192)]}
+    candidates = [(32, 8, 128, 64, 2048), (32, 8, 128, 64, 8192), (32, 8, 128, 64, 32768), (32, 8, 128, 128, 8192),
+                  (32, 8, 128, 8, 32768), (32, 8, 128, 1, 32768), (32, 8, 128, 1, 2048), (9, 3, 64, 64, 8192)]
+    shapes = {"many": [], "few": []}
+    for s in candidates:  # grouped as kernels.decode.tile_config groups them on this GPU
+        shapes["many" if dmod.tile_config(s[3], s[1], s[2], "int4", sms) is dmod.CONFIG["many"] else "few"].append(s)
     for name, waves_grid in (("many", (2, 4, 8, 12, 16, 24)), ("few", (1, 2, 4, 8))):
         timed = {}
-        for waves in waves_grid:
+        for waves in waves_grid if shapes[name] else ():
             dmod.CONFIG[name] = {**dmod.CONFIG[name], "waves": waves}
             total = 0.0
             for hq, hkv, d, b, ctx in shapes[name]:
-                assert (b * hkv >= 2 * sms and d >= 128) == (name == "many")
                 ms, tbps = _decode_int4_only(hq, hkv, d, b, ctx, t, rep_ms)
                 total += ms
                 rows.append({"regime": name, "waves": waves, "shape": [hq, hkv, d, b, ctx], "ms": ms,
@@ -367,7 +370,8 @@ def tune_decode_splits(rep_ms, t, peak, rows=None):
                 print(f"tune {name} waves={waves} {hq}/{hkv}/{d} b={b} ctx={ctx}: {ms * 1e3:.1f} us "
                       f"{tbps:.2f} TB/s {tbps / peak:.0%}", flush=True)
             timed[waves] = total
-        dmod.CONFIG[name] = {**dmod.CONFIG[name], "waves": min(timed, key=timed.get)}
+        if timed:
+            dmod.CONFIG[name] = {**dmod.CONFIG[name], "waves": min(timed, key=timed.get)}
     print(f"tune: decode config now {dmod.CONFIG}")
     return rows
 

@@ -38,7 +38,7 @@ def decode_aot(query, pool, block_table, seq_lens, q_matrix, v_matrix, max_block
                HAS_VM: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                QK_SCALE: tl.constexpr):
     tiles = tl.cdiv(max_blocks * T, BLOCK_N)
-    _decode_kernel(query, pool, pool.to(tl.pointer_type(tl.bfloat16)), pool.to(tl.pointer_type(tl.float16)),
+    _decode_kernel(query, pool, pool.to(tl.pointer_type(tl.bfloat16)),
                    pool.to(tl.pointer_type(tl.float32)), block_table, seq_lens, q_matrix, v_matrix, out, out, out,
                    HQ * D, D, HQ * D, D, max_blocks, QK_SCALE, tiles,
                    H, G, GP, D, T, R, STORAGE, META32, HAS_QM, HAS_VM, False, BLOCK_N, DT, PREC)
@@ -50,7 +50,7 @@ def prefill_aot(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v
                 R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, DT: tl.constexpr,
                 PREC: tl.constexpr, QK_SCALE: tl.constexpr):
-    _prefill_kernel(query, pool, pool.to(tl.pointer_type(tl.bfloat16)), pool.to(tl.pointer_type(tl.float16)),
+    _prefill_kernel(query, pool, pool.to(tl.pointer_type(tl.bfloat16)),
                     pool.to(tl.pointer_type(tl.float32)), block_table, seq_lens, query_start_loc, q_matrix, v_matrix,
                     out, out,
                     HQ * D, D, HQ * D, D, max_blocks, QK_SCALE, num_seqs,

@@ -36,7 +36,7 @@ def _code_offset(STORAGE: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, base, row, tmask, H: tl.constexpr, D: tl.constexpr,
+def _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, base, row, tmask, H: tl.constexpr, D: tl.constexpr,
                   T: tl.constexpr, R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, DT: tl.constexpr,
                   ASM: tl.constexpr = True):
     """One K or V tile of BLOCK_N tokens (region byte offsets `base`, rows `row`).
@@ -117,7 +117,7 @@ def _tile_rows(n0, BLOCK_N: tl.constexpr, T: tl.constexpr):
 
 
 @triton.jit
-def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr, vm_ptr, out_ptr, po_ptr, pl_ptr,
+def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr, vm_ptr, out_ptr, po_ptr, pl_ptr,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_bt, qk_scale, tiles_per_split,
                    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
                    R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
@@ -164,8 +164,8 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_ptr, sl_
         blk_next = _tile_block_ids(bt_row, (t + 1) * BLOCK_N, id_limit, BLOCK_N, T)
         row = _tile_rows(t * BLOCK_N, BLOCK_N, T)
         kbase = (blk * 2 * H + h) * R
-        k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT, PREC != 0)
-        v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT, PREC != 0)
+        k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT, PREC != 0)
+        v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT, PREC != 0)
         off = _code_offset(STORAGE, DT)
         s = tl.dot(q_lo, tl.trans(k_lo))
         s = tl.dot(q_hi, tl.trans(k_hi), s)
@@ -245,9 +245,9 @@ def _reduce_kernel(po_ptr, pl_ptr, vm_ptr, out_ptr, stride_ob, stride_oh, num_sp
 
 
 def _pool_views(pool):
-    """The pool as uint8, bf16, fp16 and fp32 (typed views for element-offset addressing: the
-    kernels never cast pointers; every region is a multiple of 4 bytes)."""
-    return pool, pool.view(torch.bfloat16), pool.view(torch.float16), pool.view(torch.float32)
+    """The pool as uint8, bf16 and fp32 (typed views for element-offset addressing: the kernels
+    never cast pointers; every region is a multiple of 4 bytes; fp16 metadata is read as 32-bit words)."""
+    return pool, pool.view(torch.bfloat16), pool.view(torch.float32)
 
 
 #: Dot operand dtype under the interpreter (tests may set tl.float16 to check the INT4 code-offset

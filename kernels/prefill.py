@@ -21,7 +21,7 @@ from .decode import LOG2E, _code_offset, _dot_dtype, _load_kv_tile, _pool_views,
 
 
 @triton.jit
-def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, blk, h, n0, pos, seq_len,
+def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk, h, n0, pos, seq_len,
                   MASK: tl.constexpr, H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
                   STORAGE: tl.constexpr, META32: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
                   ASM: tl.constexpr):
@@ -29,8 +29,8 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_pt
     tmask = tok < seq_len
     row = _tile_rows(n0, BLOCK_N, T)
     kbase = (blk.to(tl.int64) * 2 * H + h) * R
-    k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT, ASM)
-    v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT, ASM)
+    k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT, ASM)
+    v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT, ASM)
     off = _code_offset(STORAGE, DT)
     s = tl.dot(q_lo, tl.trans(k_lo))
     s = tl.dot(q_hi, tl.trans(k_hi), s)
@@ -77,7 +77,7 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_pt
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_ptr, qm_ptr, vm_ptr, out_ptr, scratch_ptr,
+def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_ptr, qm_ptr, vm_ptr, out_ptr, scratch_ptr,
                     stride_qn, stride_qh, stride_on, stride_oh, stride_bt, qk_scale, B,
                     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
                     STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr, HAS_VM: tl.constexpr,
@@ -135,13 +135,13 @@ def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, bt_ptr, sl
     for n in range(0, n_full):
         blk = blk_next
         blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
-        m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, blk,
+        m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk,
                                                  h, n * BLOCK_N, pos, seq_len, False, H, D, T, R, STORAGE,
                                                  META32, BLOCK_N, DT, PREC != 0)
     for n in range(n_full, tl.cdiv(kv_end, BLOCK_N)):
         blk = blk_next
         blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
-        m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, blk,
+        m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk,
                                                  h, n * BLOCK_N, pos, seq_len, True, H, D, T, R, STORAGE,
                                                  META32, BLOCK_N, DT, PREC != 0)
 

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ..build_scripts.aot import AotKernel, AotParam
 from ._common import STORAGE_CODE
-from .append import _append_kernel
+from .append import APPEND_BF16_PREC, _append_kernel
 from .decode import LOG2E, _decode_kernel
 from .prefill import CONFIG as PREFILL_CONFIG
 from .prefill import CONFIG_BF16 as PREFILL_CONFIG_BF16
@@ -36,12 +36,12 @@ def decode_aot(query, pool, block_table, seq_lens, q_matrix, v_matrix, max_block
                HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                T: tl.constexpr, R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
                HAS_VM: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-               QK_SCALE: tl.constexpr):
+               QK_SCALE: tl.constexpr, Q_CHUNK: tl.constexpr = 16, Q_IN_LOOP: tl.constexpr = False):
     tiles = tl.cdiv(max_blocks * T, BLOCK_N)
     _decode_kernel(query, pool, pool.to(tl.pointer_type(tl.bfloat16)),
                    pool.to(tl.pointer_type(tl.float32)), block_table, seq_lens, q_matrix, v_matrix, out, out, out,
                    HQ * D, D, HQ * D, D, max_blocks, QK_SCALE, tiles,
-                   H, G, GP, D, T, R, STORAGE, META32, HAS_QM, HAS_VM, False, BLOCK_N, DT, PREC)
+                   H, G, GP, D, T, R, STORAGE, META32, HAS_QM, HAS_VM, False, BLOCK_N, DT, PREC, Q_CHUNK, Q_IN_LOOP)
 
 
 @triton.jit
@@ -87,7 +87,7 @@ def model_kernels(head_dim: int, num_heads: int, num_kv_heads: int, tokens_per_b
                 AotParam("num_tokens", "scalar", "i32", value="key.shape[0]"),
                 AotParam("pool_out", "output", "*u8", alias="pool")],
         constexprs=dict(H=h, D=d, T=t, R=r, **fmt, HAS_KM=transformed, HAS_KB=calibrated, HAS_VM=rotate_v,
-                        PREC=3 if query_dtype == "bf16" else 2, BLOCK_N=64),
+                        PREC=APPEND_BF16_PREC if query_dtype == "bf16" else 2, BLOCK_N=64),
         grid=("cdiv(key.shape[0], 64)", str(h), "1"), num_warps=4 if d <= 128 else 8)
     decode = AotKernel(
         op="decode", fn=decode_aot,
@@ -96,7 +96,8 @@ def model_kernels(head_dim: int, num_heads: int, num_kv_heads: int, tokens_per_b
                 AotParam("max_blocks", "scalar", "i32", value="block_table.shape[1]"),
                 AotParam("out", "output", act, shape=["query.shape[0]", "query.shape[1]", "query.shape[2]"])],
         constexprs=dict(HQ=num_heads, H=h, G=g, GP=max(16, triton.next_power_of_2(g)), D=d, T=t, R=r, **fmt,
-                        HAS_QM=transformed, HAS_VM=rotate_v, BLOCK_N=64, DT=dot, PREC=1, QK_SCALE=qk_scale),
+                        HAS_QM=transformed, HAS_VM=rotate_v, BLOCK_N=64, DT=dot, PREC=1, QK_SCALE=qk_scale,
+                        Q_CHUNK=16, Q_IN_LOOP=False),
         grid=("query.shape[0]", str(h), "1"), num_warps=4, num_stages=3)
     block_m, block_n, warps, stages = (PREFILL_CONFIG_BF16 if spec.storage == "bf16" else PREFILL_CONFIG)[d]
     prefill = AotKernel(

@@ -122,6 +122,9 @@ def _append_kernel(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, key_ptr, val_ptr, 
                 1, HAS_VM, False, H, D, T, R, STORAGE, META32, PREC)
 
 
+#: Transform precision for bf16 K/V (kernels._common._mm): 4 = the matrix in two bf16 terms.
+APPEND_BF16_PREC = 4
+
 #: (BLOCK_N tokens per program, num_warps) at head_dim <= 128 (halved tokens, 8 warps above);
 #: `sawint4 bench --only tuneappend` re-measures them.
 CONFIG = {"plain": (32, 4), "transform": (64, 4)}
@@ -145,7 +148,7 @@ def append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage: 
     if interp:
         prec = 0
     elif key.dtype == torch.bfloat16:
-        prec = 3
+        prec = APPEND_BF16_PREC
     else:
         prec = 2
     dummy = slot_mapping

@@ -358,20 +358,21 @@ def tune_decode_splits(rep_ms, t, peak, rows=None):
     for s in candidates:  # grouped as kernels.decode.tile_config groups them on this GPU
         shapes["many" if dmod.tile_config(s[3], s[1], s[2], "int4", sms) is dmod.CONFIG["many"] else "few"].append(s)
     for name, waves_grid in (("many", (2, 4, 8, 12, 16, 24)), ("few", (1, 2, 4, 8))):
-        timed = {}
+        timed = {}  # waves -> [ms per shape]
         for waves in waves_grid if shapes[name] else ():
             dmod.CONFIG[name] = {**dmod.CONFIG[name], "waves": waves}
-            total = 0.0
+            timed[waves] = []
             for hq, hkv, d, b, ctx in shapes[name]:
                 ms, tbps = _decode_int4_only(hq, hkv, d, b, ctx, t, rep_ms)
-                total += ms
+                timed[waves].append(ms)
                 rows.append({"regime": name, "waves": waves, "shape": [hq, hkv, d, b, ctx], "ms": ms,
                              "frac_bw": tbps / peak})
                 print(f"tune {name} waves={waves} {hq}/{hkv}/{d} b={b} ctx={ctx}: {ms * 1e3:.1f} us "
                       f"{tbps:.2f} TB/s {tbps / peak:.0%}", flush=True)
-            timed[waves] = total
-        if timed:
-            dmod.CONFIG[name] = {**dmod.CONFIG[name], "waves": min(timed, key=timed.get)}
+        if timed:  # least total time relative to each shape's best (a sum of times favours the big shapes)
+            best = [min(col) for col in zip(*timed.values())]
+            score = {w: sum(ms / b for ms, b in zip(v, best)) for w, v in timed.items()}
+            dmod.CONFIG[name] = {**dmod.CONFIG[name], "waves": min(score, key=score.get)}
     print(f"tune: decode config now {dmod.CONFIG}")
     return rows
 

@@ -1,0 +1,80 @@
+"""Where the time of a small decode step goes (GPU): per-kernel device durations from the torch
+profiler next to the CUDA-graph replay time of the whole step, and SDPA for comparison.
+
+    python scripts/decode_breakdown.py            # a fixed list of latency-bound shapes
+
+The gap between the graph time and the sum of kernel durations is launch/dependency latency.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from trtllm_sawint4 import kernels
+from trtllm_sawint4.kernels import decode as dmod
+from trtllm_sawint4.bench import _quant_pool
+from trtllm_sawint4.spec import KVCacheSpec
+from trtllm_sawint4.transforms import build_layer_transform
+
+SHAPES = [(32, 8, 128, 1, 2048), (32, 8, 128, 1, 32768), (32, 8, 128, 8, 1024), (32, 8, 128, 8, 2048),
+          (9, 3, 64, 1, 32768), (9, 3, 64, 8, 32768), (9, 3, 64, 64, 2048),
+          (32, 8, 128, 64, 2048)]
+
+
+def kernel_durations(fn, reps=20):
+    """Median device duration (µs) of each kernel name launched by fn."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    per = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per.setdefault(ev.name[:40], []).append(ev.device_time)
+    return {k: statistics.median(v) for k, v in per.items()}
+
+
+def main():
+    in_loop = {k: dmod.CONFIG[k].get("q_in_loop", False) for k in ("few", "many")}
+    for hq, hkv, d, b, ctx in SHAPES:
+        spec = KVCacheSpec(d, hkv, 64, kv_format="saw_int4")
+        tf = build_layer_transform(spec).to("cuda")
+        nb = b * ctx // 64
+        pool = _quant_pool(spec, nb, "cuda")
+        table = torch.randperm(nb, device="cuda").int().view(b, -1)
+        sl = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        runs = {
+            "sdpa": lambda: F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=d ** -0.5, enable_gqa=True),
+            "int4": lambda: kernels.decode(q, pool, table, sl, None, None, d ** -0.5, "int4", "fp16"),
+            "saw_int4": lambda: kernels.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16"),
+            "saw+vrot": lambda: kernels.decode(q, pool, table, sl, tf.q_matrix, tf.q_matrix[0], d ** -0.5, "int4",
+                                               "fp16"),
+        }
+        print(f"== {hq}/{hkv} D{d} batch {b} ctx {ctx}")
+        for name, fn in runs.items():
+            for variant in ((False, True) if name == "saw_int4" else (None,)):
+                if variant is not None:  # the q transform before the loop or in its first iteration
+                    dmod.CONFIG["few"]["q_in_loop"] = dmod.CONFIG["many"]["q_in_loop"] = variant
+                    name = f"saw q_in_loop={variant}"
+                graph_us = triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
+                kd = kernel_durations(fn)
+                parts = ", ".join(f"{k} {v:.1f}" for k, v in kd.items())
+                print(f"  {name:22s} graph {graph_us:7.1f} us | kernels: {parts}")
+
+    for k, v in in_loop.items():
+        dmod.CONFIG[k]["q_in_loop"] = v
+
+
+if __name__ == "__main__":
+    main()

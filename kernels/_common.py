@@ -69,6 +69,26 @@ def _mm(x, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _matmul_halves(x_lo, x_hi, m_ptr, TRANS: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+    """(x @ B) in halves for x = [x_lo | x_hi] ([M, D/2] fp32 each), B = M^T if TRANS else M,
+    M an fp32 row-major [D, D] matrix at m_ptr."""
+    HALF: tl.constexpr = D // 2
+    j = tl.arange(0, HALF)[:, None]
+    i = tl.arange(0, HALF)[None, :]
+    if TRANS:
+        off = i * D + j
+        jh: tl.constexpr = HALF
+        ih: tl.constexpr = HALF * D
+    else:
+        off = j * D + i
+        jh: tl.constexpr = HALF * D
+        ih: tl.constexpr = HALF
+    y_lo = _mm(x_lo, tl.load(m_ptr + off), PREC) + _mm(x_hi, tl.load(m_ptr + off + jh), PREC)
+    y_hi = _mm(x_lo, tl.load(m_ptr + off + ih), PREC) + _mm(x_hi, tl.load(m_ptr + off + jh + ih), PREC)
+    return y_lo, y_hi
+
+
+@triton.jit
 def _round_f16(x, UP: tl.constexpr):
     """fp32 x -> the nearest fp16 value >= x (UP) or <= x (down), returned as fp32 (x finite, |x| <= 65504)."""
     h = x.to(tl.float16)
@@ -98,40 +118,26 @@ def _to_bf16_rne(x):
 
 
 @triton.jit
-def _transform_chunk(row_ptr, rmask, m_ptr, j0, y_lo, y_hi, TRANS: tl.constexpr, D: tl.constexpr,
-                     KC: tl.constexpr, PREC: tl.constexpr):
-    """y += x[:, j0:j0+KC] @ B[j0:j0+KC, :] in halves (see _transform_rows)."""
-    HALF: tl.constexpr = D // 2
-    i = tl.arange(0, HALF)[None, :]
-    j = j0 + tl.arange(0, KC)
-    x = tl.load(row_ptr[:, None] + j[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-    if TRANS:
-        off = i * D + j[:, None]
-        ih: tl.constexpr = HALF * D
-    else:
-        off = j[:, None] * D + i
-        ih: tl.constexpr = HALF
-    y_lo += _mm(x, tl.load(m_ptr + off), PREC)
-    y_hi += _mm(x, tl.load(m_ptr + off + ih), PREC)
-    return y_lo, y_hi
-
-
-@triton.jit
 def _transform_rows(row_ptr, rmask, m_ptr, TRANS: tl.constexpr, D: tl.constexpr, KC: tl.constexpr,
-                    PREC: tl.constexpr, UNROLL: tl.constexpr = False):
+                    PREC: tl.constexpr):
     """Rows x ([M] pointers to D contiguous values in global memory) times B (B = M^T if TRANS else M,
     M fp32 row-major [D, D]), returned in halves [M, D/2] fp32. Chunked over the reduction (KC at a
-    time) so that few registers are live; a loop unless UNROLL (no loop: for use inside another
-    loop that Triton's pipeliner must still treat as innermost)."""
+    time, a loop, not unrolled) so that few registers are live."""
     HALF: tl.constexpr = D // 2
+    i = tl.arange(0, HALF)[None, :]
     y_lo = tl.zeros([row_ptr.shape[0], HALF], tl.float32)
     y_hi = tl.zeros([row_ptr.shape[0], HALF], tl.float32)
-    if UNROLL:
-        for j0 in tl.static_range(0, D, KC):
-            y_lo, y_hi = _transform_chunk(row_ptr, rmask, m_ptr, j0, y_lo, y_hi, TRANS, D, KC, PREC)
-    else:
-        for j0 in range(0, D, KC):
-            y_lo, y_hi = _transform_chunk(row_ptr, rmask, m_ptr, j0, y_lo, y_hi, TRANS, D, KC, PREC)
+    for j0 in range(0, D, KC):
+        j = j0 + tl.arange(0, KC)
+        x = tl.load(row_ptr[:, None] + j[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        if TRANS:
+            off = i * D + j[:, None]
+            ih: tl.constexpr = HALF * D
+        else:
+            off = j[:, None] * D + i
+            ih: tl.constexpr = HALF
+        y_lo += _mm(x, tl.load(m_ptr + off), PREC)
+        y_hi += _mm(x, tl.load(m_ptr + off + ih), PREC)
     return y_lo, y_hi
 
 

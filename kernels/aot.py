@@ -36,12 +36,12 @@ def decode_aot(query, pool, block_table, seq_lens, q_matrix, v_matrix, max_block
                HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                T: tl.constexpr, R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
                HAS_VM: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-               QK_SCALE: tl.constexpr, Q_CHUNK: tl.constexpr = 16, Q_IN_LOOP: tl.constexpr = False):
+               QK_SCALE: tl.constexpr, Q_CHUNK: tl.constexpr = 16):
     tiles = tl.cdiv(max_blocks * T, BLOCK_N)
     _decode_kernel(query, pool, pool.to(tl.pointer_type(tl.bfloat16)),
                    pool.to(tl.pointer_type(tl.float32)), block_table, seq_lens, q_matrix, v_matrix, out, out, out,
                    HQ * D, D, HQ * D, D, max_blocks, QK_SCALE, tiles,
-                   H, G, GP, D, T, R, STORAGE, META32, HAS_QM, HAS_VM, False, BLOCK_N, DT, PREC, Q_CHUNK, Q_IN_LOOP)
+                   H, G, GP, D, T, R, STORAGE, META32, HAS_QM, HAS_VM, False, BLOCK_N, DT, PREC, Q_CHUNK)
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def model_kernels(head_dim: int, num_heads: int, num_kv_heads: int, tokens_per_b
                 AotParam("out", "output", act, shape=["query.shape[0]", "query.shape[1]", "query.shape[2]"])],
         constexprs=dict(HQ=num_heads, H=h, G=g, GP=max(16, triton.next_power_of_2(g)), D=d, T=t, R=r, **fmt,
                         HAS_QM=transformed, HAS_VM=rotate_v, BLOCK_N=64, DT=dot, PREC=1, QK_SCALE=qk_scale,
-                        Q_CHUNK=16, Q_IN_LOOP=False),
+                        Q_CHUNK=16),
         grid=("query.shape[0]", str(h), "1"), num_warps=4, num_stages=3)
     block_m, block_n, warps, stages = (PREFILL_CONFIG_BF16 if spec.storage == "bf16" else PREFILL_CONFIG)[d]
     prefill = AotKernel(

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import STORAGE_CODE, _nan_rows_with_nonfinite, _transform_rows, _unpack_int4_magic
+from ._common import STORAGE_CODE, _matmul_halves, _nan_rows_with_nonfinite, _transform_rows, _unpack_int4_magic
 
 LOG2E = 1.4426950408889634
 
@@ -122,7 +122,7 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
                    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
                    R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
                    HAS_VM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
-                   PREC: tl.constexpr, Q_CHUNK: tl.constexpr = 16, Q_IN_LOOP: tl.constexpr = False):
+                   PREC: tl.constexpr, Q_CHUNK: tl.constexpr = 16):
     # the V rotation is applied by the reduce kernel: the unsplit path has none
     tl.static_assert(SPLIT or not HAS_VM, "decode with v_matrix needs the split path (SPLIT=True)")
     b = tl.program_id(0)
@@ -136,12 +136,9 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
     seq_len = tl.load(sl_ptr + b)
 
     qrow = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh
-    if HAS_QM and not Q_IN_LOOP:
+    if HAS_QM:
         # Q_CHUNK channels of the matrix per step: fewer, larger L2 round trips
         q_lo, q_hi = _transform_rows(qrow, gmask, qm_ptr + h * D * D, True, D, Q_CHUNK, PREC)
-    elif HAS_QM:  # Q_IN_LOOP: transformed in the first iteration of the loop
-        q_lo = tl.zeros([GP, HALF], tl.float32)
-        q_hi = tl.zeros([GP, HALF], tl.float32)
     else:
         q_lo = tl.load(qrow[:, None] + cols[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
         q_hi = tl.load(qrow[:, None] + HALF + cols[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
@@ -162,15 +159,6 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
     id_limit = tl.minimum(seq_len, t1 * BLOCK_N)
     blk_next = _tile_block_ids(bt_row, t0 * BLOCK_N, id_limit, BLOCK_N, T)
     for t in range(t0, t1):
-        if HAS_QM and Q_IN_LOOP:
-            if t == t0:
-                # The q transform is a chain of L2 round trips; done here, it overlaps the first
-                # tiles' loads, which the pipeliner issues before the loop (short split programs
-                # otherwise wait for it first). Unrolled: the main loop must stay innermost.
-                ql, qh = _transform_rows(qrow, gmask, qm_ptr + h * D * D, True, D, Q_CHUNK, PREC, True)
-                q_lo = (ql * qk_scale).to(DT)
-                q_hi = (qh * qk_scale).to(DT)
-                qsum = tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1)
         tok = t * BLOCK_N + tl.arange(0, BLOCK_N)
         tmask = tok < seq_len
         blk = blk_next.to(tl.int64)
@@ -221,54 +209,94 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
 
 
 @triton.jit
-def _reduce_kernel(po_ptr, pl_ptr, vm_ptr, out_ptr, stride_ob, stride_oh, num_splits,
-                   H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                   HAS_VM: tl.constexpr, SB: tl.constexpr, JC: tl.constexpr):
-    """Merge the splits of one query head (grid (B, Hkv, G)):
-    out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max_s lse_s), then o @ v_matrix.
+def _merge_row(po_ptr, pl_ptr, base, num_splits, g, GP: tl.constexpr, D: tl.constexpr, SB: tl.constexpr,
+               ONE_LOAD: tl.constexpr):
+    """One query row merged over its splits, in halves ([D/2] fp32 x 2):
+    sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max_s lse_s).
 
-    A latency-bound kernel (a few hundred bytes per split, up to ~100 splits): SB splits are read
-    per load, so a step costs a handful of memory round trips whatever the split count (a loop
-    over single splits waited one round trip per split: 34 us for 88 splits on the H200)."""
+    Latency-bound work (a few hundred bytes per split, up to ~100 splits): SB splits are read per
+    load, so a row costs a handful of memory round trips whatever the split count (a loop over
+    single splits waited one round trip per split: 34 us for 88 splits on the H200)."""
+    HALF: tl.constexpr = D // 2
+    cols = tl.arange(0, HALF)
+    sv = tl.arange(0, SB)
+    if ONE_LOAD:  # num_splits <= SB: straight-line code, so unrolled rows overlap their loads
+        live = sv < num_splits
+        lse = tl.load(pl_ptr + (base + sv) * GP + g, mask=live, other=float("-inf"))
+        m = tl.max(tl.where(lse == lse, lse, float("-inf")), 0)  # a nan lse stays nan in l and in w
+        w = tl.exp2(lse - tl.where(m > float("-inf"), m, 0.0))  # 0 for splits that saw no key
+        l = tl.sum(w, 0)
+        pp = po_ptr + ((base + sv) * GP + g)[:, None] * D + cols[None, :]
+        acc_lo = tl.sum(w[:, None] * tl.load(pp, mask=live[:, None], other=0.0), 0)
+        acc_hi = tl.sum(w[:, None] * tl.load(pp + HALF, mask=live[:, None], other=0.0), 0)
+    else:
+        # pass 1: running max and normaliser of the lse values
+        m = tl.full([1], float("-inf"), tl.float32)
+        l = tl.zeros([1], tl.float32)
+        for s0 in range(0, num_splits, SB):
+            lse = tl.load(pl_ptr + (base + s0 + sv) * GP + g, mask=s0 + sv < num_splits, other=float("-inf"))
+            m_new = tl.maximum(m, tl.max(tl.where(lse == lse, lse, float("-inf")), 0))
+            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+            l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(lse - m_safe), 0)
+            m = m_new
+        m_safe = tl.where(m > float("-inf"), m, 0.0)
+        # pass 2: weighted sum of the partial outputs, SB splits per load
+        acc_lo = tl.zeros([HALF], tl.float32)
+        acc_hi = tl.zeros([HALF], tl.float32)
+        for s0 in range(0, num_splits, SB):
+            live = s0 + sv < num_splits
+            lse = tl.load(pl_ptr + (base + s0 + sv) * GP + g, mask=live, other=float("-inf"))
+            w = tl.exp2(lse - m_safe)[:, None]
+            pp = po_ptr + ((base + s0 + sv) * GP + g)[:, None] * D + cols[None, :]
+            acc_lo += tl.sum(w * tl.load(pp, mask=live[:, None], other=0.0), 0)
+            acc_hi += tl.sum(w * tl.load(pp + HALF, mask=live[:, None], other=0.0), 0)
+    nz = l > 0
+    inv = tl.where(nz, 1.0 / tl.where(nz, l, 1.0), 0.0)
+    o_lo, o_hi = _nan_rows_with_nonfinite((acc_lo * inv)[None, :], (acc_hi * inv)[None, :])
+    return tl.reshape(o_lo, [HALF]), tl.reshape(o_hi, [HALF])
+
+
+@triton.jit
+def _reduce_kernel(po_ptr, pl_ptr, out_ptr, stride_ob, stride_oh, num_splits,
+                   H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SB: tl.constexpr,
+                   ONE_LOAD: tl.constexpr):
+    """Merge the splits of one query head; grid (B, Hkv, G)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.program_id(2)
-    cols = tl.arange(0, D)
-    sv = tl.arange(0, SB)
+    HALF: tl.constexpr = D // 2
+    cols = tl.arange(0, HALF)
+    o_lo, o_hi = _merge_row(po_ptr, pl_ptr, (b * H + h).to(tl.int64) * num_splits, num_splits, g, GP, D, SB,
+                              ONE_LOAD)
+    op = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g) * stride_oh + cols
+    tl.store(op, o_lo.to(out_ptr.dtype.element_ty))
+    tl.store(op + HALF, o_hi.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _reduce_rotate_kernel(po_ptr, pl_ptr, vm_ptr, out_ptr, stride_ob, stride_oh, num_splits,
+                          H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                          SB: tl.constexpr, ONE_LOAD: tl.constexpr, PREC: tl.constexpr):
+    """Merge the splits of the G query heads of one KV head, then o @ v_matrix; grid (B, Hkv).
+    One program per KV head reads the [D, D] matrix once for its G rows (a program per row made
+    the L2 traffic of the matrix the cost at batch 64). The row merges are unrolled: with ONE_LOAD
+    their loads are independent and in flight together."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    HALF: tl.constexpr = D // 2
+    cols = tl.arange(0, HALF)
+    g = tl.arange(0, GP)
     base = (b * H + h).to(tl.int64) * num_splits
-    # pass 1: running max and normaliser of the lse values (a nan lse stays nan in l and in w)
-    m = tl.full([1], float("-inf"), tl.float32)
-    l = tl.zeros([1], tl.float32)
-    for s0 in range(0, num_splits, SB):
-        lse = tl.load(pl_ptr + (base + s0 + sv) * GP + g, mask=s0 + sv < num_splits, other=float("-inf"))
-        m_new = tl.maximum(m, tl.max(tl.where(lse == lse, lse, float("-inf")), 0))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(lse - m_safe), 0)
-        m = m_new
-    m_safe = tl.where(m > float("-inf"), m, 0.0)
-    # pass 2: weighted sum of the partial outputs, SB splits x D channels per load
-    acc = tl.zeros([D], tl.float32)
-    for s0 in range(0, num_splits, SB):
-        live = s0 + sv < num_splits
-        lse = tl.load(pl_ptr + (base + s0 + sv) * GP + g, mask=live, other=float("-inf"))
-        w = tl.exp2(lse - m_safe)  # 0 for splits that saw no key (lse = -inf)
-        tile = tl.load(po_ptr + ((base + s0 + sv) * GP + g)[:, None] * D + cols[None, :], mask=live[:, None],
-                       other=0.0)
-        acc += tl.sum(w[:, None] * tile, 0)
-    nz = l > 0
-    o = acc * tl.where(nz, 1.0 / tl.where(nz, l, 1.0), 0.0)
-    # a query that sees a non-finite V gets nan in every channel (see _nan_rows_with_nonfinite)
-    fin = tl.min((tl.abs(o) < float("inf")).to(tl.int32), 0) > 0
-    o = tl.where(fin, o, float("nan"))
-    op = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g) * stride_oh
-    if HAS_VM:
-        # o @ v_matrix in fp32 on the CUDA cores, JC output channels at a time
-        jj = tl.arange(0, JC)
-        for j0 in tl.static_range(0, D, JC):
-            mt = tl.load(vm_ptr + cols[:, None] * D + j0 + jj[None, :])
-            tl.store(op + j0 + jj, tl.sum(o[:, None] * mt, 0).to(out_ptr.dtype.element_ty))
-    else:
-        tl.store(op + cols, o.to(out_ptr.dtype.element_ty))
+    o_lo = tl.zeros([GP, HALF], tl.float32)
+    o_hi = tl.zeros([GP, HALF], tl.float32)
+    for gi in tl.static_range(G):
+        r_lo, r_hi = _merge_row(po_ptr, pl_ptr, base, num_splits, gi, GP, D, SB, ONE_LOAD)
+        o_lo = tl.where(g[:, None] == gi, r_lo[None, :], o_lo)
+        o_hi = tl.where(g[:, None] == gi, r_hi[None, :], o_hi)
+    o_lo, o_hi = _matmul_halves(o_lo, o_hi, vm_ptr, False, D, PREC)
+    op = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g)[:, None] * stride_oh + cols[None, :]
+    tl.store(op, o_lo.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None])
+    tl.store(op + HALF, o_hi.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None])
 
 
 def _pool_views(pool):
@@ -289,6 +317,9 @@ def _dot_dtype(query, storage, interp):
         return tl.bfloat16
     return tl.float16
 
+
+#: Splits x channels the reduce reads per load (SB = this // head_dim splits): sized for registers.
+REDUCE_TILE_ELEMS = 4096
 
 _NUM_SMS: dict = {}
 
@@ -311,8 +342,7 @@ def _num_sms(device) -> int:
 CONFIG = {
     # "many": 512 programs of 4-6 resident per SM fill 0.65 of the GPU (ncu): split long contexts in 3
     "many": {"block_n": 64, "num_warps": 2, "num_stages": 3, "waves": 8, "min_tiles_per_split": 32, "q_chunk": 16},
-    "few": {"block_n": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "min_tiles_per_split": 2, "q_chunk": 64,
-            "q_in_loop": True},
+    "few": {"block_n": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "min_tiles_per_split": 2, "q_chunk": 64},
     # bf16: 32 KB tiles, one buffer keeps twice the programs resident
     "bf16": {"block_n": 64, "num_warps": 4, "num_stages": 2, "waves": 2, "min_tiles_per_split": 2, "q_chunk": 16},
 }
@@ -383,13 +413,15 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
         H=h, G=g, GP=gp, D=d, T=t, R=pool.shape[-1], STORAGE=STORAGE_CODE[storage], META32=meta_dtype == "fp32",
         HAS_QM=q_matrix is not None, HAS_VM=v_matrix is not None, SPLIT=splits > 1, BLOCK_N=block_n,
         DT=dt, PREC=prec, Q_CHUNK=16 if interp else min(d, cfg.get("q_chunk", 16)),
-        Q_IN_LOOP=cfg.get("q_in_loop", False),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
-        _reduce_kernel[(bsz, h, g)](
-            po, pl, vm, out, out.stride(0), out.stride(1), splits,
-            H=h, G=g, GP=gp, D=d, HAS_VM=v_matrix is not None,
-            SB=max(2, min(triton.next_power_of_2(splits), 8192 // d)), JC=16 if d >= 256 else 32, num_warps=4,
-        )
+        sb = max(2, min(triton.next_power_of_2(splits), REDUCE_TILE_ELEMS // d))
+        if v_matrix is None:
+            _reduce_kernel[(bsz, h, g)](po, pl, out, out.stride(0), out.stride(1), splits,
+                                        H=h, G=g, GP=gp, D=d, SB=sb, ONE_LOAD=splits <= sb, num_warps=4)
+        else:
+            _reduce_rotate_kernel[(bsz, h)](po, pl, vm, out, out.stride(0), out.stride(1), splits,
+                                            H=h, G=g, GP=gp, D=d, SB=sb, ONE_LOAD=splits <= sb, PREC=prec,
+                                            num_warps=4)
     return out

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 import triton.testing
 
 from trtllm_sawint4 import kernels
-from trtllm_sawint4.kernels import decode as dmod
 from trtllm_sawint4.bench import _quant_pool
 from trtllm_sawint4.spec import KVCacheSpec
 from trtllm_sawint4.transforms import build_layer_transform
@@ -43,7 +42,6 @@ def kernel_durations(fn, reps=20):
 
 
 def main():
-    in_loop = {k: dmod.CONFIG[k].get("q_in_loop", False) for k in ("few", "many")}
     for hq, hkv, d, b, ctx in SHAPES:
         spec = KVCacheSpec(d, hkv, 64, kv_format="saw_int4")
         tf = build_layer_transform(spec).to("cuda")
@@ -63,17 +61,11 @@ def main():
         }
         print(f"== {hq}/{hkv} D{d} batch {b} ctx {ctx}")
         for name, fn in runs.items():
-            for variant in ((False, True) if name == "saw_int4" else (None,)):
-                if variant is not None:  # the q transform before the loop or in its first iteration
-                    dmod.CONFIG["few"]["q_in_loop"] = dmod.CONFIG["many"]["q_in_loop"] = variant
-                    name = f"saw q_in_loop={variant}"
-                graph_us = triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
-                kd = kernel_durations(fn)
-                parts = ", ".join(f"{k} {v:.1f}" for k, v in kd.items())
-                print(f"  {name:22s} graph {graph_us:7.1f} us | kernels: {parts}")
+            graph_us = triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
+            kd = kernel_durations(fn)
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in kd.items())
+            print(f"  {name:9s} graph {graph_us:7.1f} us | kernels: {parts}")
 
-    for k, v in in_loop.items():
-        dmod.CONFIG[k]["q_in_loop"] = v
 
 
 if __name__ == "__main__":

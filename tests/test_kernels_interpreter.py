@@ -205,6 +205,28 @@ def test_decode(K, fmt, meta, d, h, group, t, lens, dtype, splits):
             assert torch.count_nonzero(got[b]) == 0
 
 
+@pytest.mark.parametrize("rotate_v", [False, True])
+@pytest.mark.parametrize("tile_elems", [None, 64])
+def test_decode_reduce_paths(K, monkeypatch, rotate_v, tile_elems):
+    """The split merge: one load of all splits, and (tile_elems 64 -> 2 splits per load) the
+    two-pass loop that long contexts at batch 1 take; with and without the V rotation."""
+    if tile_elems is not None:
+        monkeypatch.setattr(K["decode"], "REDUCE_TILE_ELEMS", tile_elems)
+    torch.manual_seed(5)
+    d, h, group, t, lens = 32, 2, 3, 8, [0, 61, 9, 40]
+    spec = _spec("saw_int4", d, h, t, "fp16", rotate_v=rotate_v)
+    tf = _transform(spec, calibrated=False)
+    nb = sum(-(-l // t) for l in lens) + 1
+    pool = _filled_pool(spec, tf, nb)
+    table = _block_table(lens, t, nb)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(len(lens), h * group, d).to(torch.bfloat16)
+    want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, d ** -0.5, "int4", "fp16")
+    got = K["decode"].decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, d ** -0.5, "int4", "fp16", num_splits=5)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert torch.count_nonzero(got[0]) == 0
+
+
 def test_plan_splits_host_only(K):
     plan = K["decode"].plan_splits
     s, tps = plan(64, 8, 8192, 64, 132, 2, 2)

@@ -92,7 +92,7 @@ def _check_expr(op: str, expr: str | None, inputs: set[str]) -> None:
         raise ValueError(f"{op}: shape expression {expr!r} names {sorted(unknown)}, not inputs of the kernel")
 
 
-def compile_kernel(kernel: AotKernel, arch: int):
+def compile_kernel(kernel: AotKernel, arch: int, extra_options: dict | None = None):
     """triton.compile for one target; needs no GPU. Pointer parameters are promised 16-byte aligned."""
     import os
 
@@ -107,7 +107,7 @@ def compile_kernel(kernel: AotKernel, arch: int):
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params) if p.type.startswith("*")}
     src = triton.compiler.ASTSource(fn=kernel.fn, signature=signature, constexprs=kernel.constexprs, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
-    options = {"num_warps": kernel.num_warps, "num_stages": kernel.num_stages}
+    options = {"num_warps": kernel.num_warps, "num_stages": kernel.num_stages, **(extra_options or {})}
     return triton.compile(src, target=target, options=options)
 
 

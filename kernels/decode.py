@@ -337,7 +337,8 @@ def _num_sms(device) -> int:
 #: batch alone gives at least 2 CTAs per SM (batch x KV heads >= 2 x SMs, head_dim >= 128; smaller
 #: CTAs keep more tiles in flight per SM), "few" otherwise (the context is split; bigger tiles per
 #: step), and bf16 storage. Splits (plan_splits): aim at waves x SMs programs, each with at least
-#: min_tiles_per_split tiles.
+#: min_tiles_per_split tiles. "maxnreg" (a per-thread register cap; absent: the compiler's choice)
+#: trades spills for resident programs; `--only tunereg` measures it (offline counts: docs/kernels.md).
 #: Measured on the H200: docs/kernels.md.
 CONFIG = {
     # "many": 512 programs of 4-6 resident per SM fill 0.65 of the GPU (ncu): split long contexts in 3
@@ -413,7 +414,7 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
         H=h, G=g, GP=gp, D=d, T=t, R=pool.shape[-1], STORAGE=STORAGE_CODE[storage], META32=meta_dtype == "fp32",
         HAS_QM=q_matrix is not None, HAS_VM=v_matrix is not None, SPLIT=splits > 1, BLOCK_N=block_n,
         DT=dt, PREC=prec, Q_CHUNK=16 if interp else min(d, cfg.get("q_chunk", 16)),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg.get("maxnreg"),
     )
     if splits > 1:
         sb = max(2, min(triton.next_power_of_2(splits), REDUCE_TILE_ELEMS // d))

@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--warps", type=int)
     p.add_argument("--stages", type=int)
     p.add_argument("--q-chunk", type=int, help="decode: Q_CHUNK")
+    p.add_argument("--maxnreg", type=int, help="register cap per thread (ptxas .maxnreg)")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
             kernel.constexprs[name] = value
     kernel.num_warps = args.warps or kernel.num_warps
     kernel.num_stages = args.stages or kernel.num_stages
-    compiled = compile_kernel(kernel, 90)
+    compiled = compile_kernel(kernel, 90, {"maxnreg": args.maxnreg} if args.maxnreg else None)
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     cubin = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sawint4_{args.op}.cubin")
     with open(cubin, "wb") as f:

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="./bench_out", help="folder for bench.json and bench.png")
     parser.add_argument("--quick", action="store_true", help="a subset of the decode grid")
     parser.add_argument("--only", default="bandwidth,decode,append,prefill",
-                        help="comma-separated parts: decode, append, prefill, and tune, tunesplit, tuneappend, tuneprefill "
+                        help="comma-separated parts: decode, append, prefill, and tune, tunesplit, tunereg, tuneappend, "
+                             "tuneprefill "
                              "(re-tune the kernel configs for this run first); bandwidth is always measured")
     parser.add_argument("--tokens-per-block", type=int, default=64)
     parser.add_argument("--mem-limit-gb", type=float, default=100.0, help="skip points needing more GPU memory")
@@ -342,6 +343,27 @@ def tune_decode(rep_ms, t, peak):
     return tune_decode_splits(rep_ms, t, peak, rows)
 
 
+TUNE_SHAPES = [(32, 8, 128, 64, 2048), (32, 8, 128, 64, 8192), (32, 8, 128, 64, 32768), (32, 8, 128, 128, 8192),
+               (32, 8, 128, 8, 32768), (32, 8, 128, 1, 32768), (32, 8, 128, 1, 2048), (9, 3, 64, 64, 8192)]
+TUNE_DECODE_MAXNREG = (None, 168, 128)  # register caps per thread (None: the compiler's choice)
+
+
+def _shapes_by_regime(dmod, sms):
+    """TUNE_SHAPES grouped as kernels.decode.tile_config groups them on this GPU."""
+    shapes = {"many": [], "few": []}
+    for s in TUNE_SHAPES:
+        shapes["many" if dmod.tile_config(s[3], s[1], s[2], "int4", sms) is dmod.CONFIG["many"] else "few"].append(s)
+    return shapes
+
+
+def _least_relative(timed):
+    """The key of timed ({choice: [ms per shape]}) with the least total time relative to each shape's
+    best (a plain sum of times would favour the big shapes)."""
+    best = [min(col) for col in zip(*timed.values())]
+    score = {k: sum(ms / b for ms, b in zip(v, best)) for k, v in timed.items()}
+    return min(score, key=score.get)
+
+
 def tune_decode_splits(rep_ms, t, peak, rows=None):
     """Split granularity per regime (CONFIG[regime]["waves"]: the split count aims at waves x SMs
     programs), on the regime's shapes; sets the fastest in total."""
@@ -352,11 +374,7 @@ def tune_decode_splits(rep_ms, t, peak, rows=None):
     dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = [] if rows is None else rows
-    candidates = [(32, 8, 128, 64, 2048), (32, 8, 128, 64, 8192), (32, 8, 128, 64, 32768), (32, 8, 128, 128, 8192),
-                  (32, 8, 128, 8, 32768), (32, 8, 128, 1, 32768), (32, 8, 128, 1, 2048), (9, 3, 64, 64, 8192)]
-    shapes = {"many": [], "few": []}
-    for s in candidates:  # grouped as kernels.decode.tile_config groups them on this GPU
-        shapes["many" if dmod.tile_config(s[3], s[1], s[2], "int4", sms) is dmod.CONFIG["many"] else "few"].append(s)
+    shapes = _shapes_by_regime(dmod, sms)
     for name, waves_grid in (("many", (2, 4, 8, 12, 16, 24)), ("few", (1, 2, 4, 8))):
         timed = {}  # waves -> [ms per shape]
         for waves in waves_grid if shapes[name] else ():
@@ -369,10 +387,39 @@ def tune_decode_splits(rep_ms, t, peak, rows=None):
                              "frac_bw": tbps / peak})
                 print(f"tune {name} waves={waves} {hq}/{hkv}/{d} b={b} ctx={ctx}: {ms * 1e3:.1f} us "
                       f"{tbps:.2f} TB/s {tbps / peak:.0%}", flush=True)
-        if timed:  # least total time relative to each shape's best (a sum of times favours the big shapes)
-            best = [min(col) for col in zip(*timed.values())]
-            score = {w: sum(ms / b for ms, b in zip(v, best)) for w, v in timed.items()}
-            dmod.CONFIG[name] = {**dmod.CONFIG[name], "waves": min(score, key=score.get)}
+        if timed:
+            dmod.CONFIG[name] = {**dmod.CONFIG[name], "waves": _least_relative(timed)}
+    print(f"tune: decode config now {dmod.CONFIG}")
+    return rows
+
+
+def tune_decode_regs(rep_ms, t, peak):
+    """Register cap per regime (CONFIG[regime]["maxnreg"]), timed on saw_int4 and plain int4 (their
+    kernels differ: 168 and 220 registers per thread at the "many" tiles, i.e. 6 and 4 resident
+    programs per SM); sets the cap with the least relative time."""
+    import importlib
+
+    import torch
+
+    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
+    shapes = _shapes_by_regime(dmod, torch.cuda.get_device_properties(0).multi_processor_count)
+    rows = []
+    for name in ("many", "few"):
+        timed = {}
+        for cap in TUNE_DECODE_MAXNREG if shapes[name] else ():
+            dmod.CONFIG[name] = {**dmod.CONFIG[name], "maxnreg": cap}
+            timed[cap] = []
+            for hq, hkv, d, b, ctx in shapes[name]:
+                for rotated in (True, False):
+                    ms, tbps = _decode_int4_only(hq, hkv, d, b, ctx, t, rep_ms, rotated)
+                    timed[cap].append(ms)
+                    fmt = "saw_int4" if rotated else "int4"
+                    rows.append({"regime": name, "maxnreg": cap, "format": fmt, "shape": [hq, hkv, d, b, ctx],
+                                 "ms": ms, "frac_bw": tbps / peak})
+                    print(f"tune {name} maxnreg={cap} {fmt} {hq}/{hkv}/{d} b={b} ctx={ctx}: {ms * 1e3:.1f} us "
+                          f"{tbps:.2f} TB/s {tbps / peak:.0%}", flush=True)
+        if timed:
+            dmod.CONFIG[name] = {**dmod.CONFIG[name], "maxnreg": _least_relative(timed)}
     print(f"tune: decode config now {dmod.CONFIG}")
     return rows
 
@@ -458,7 +505,7 @@ def tune_prefill(rep_ms, t):
     return rows
 
 
-def _decode_int4_only(hq, hkv, d, batch, ctx, t, rep_ms):
+def _decode_int4_only(hq, hkv, d, batch, ctx, t, rep_ms, rotated=True):
     import torch
 
     from . import kernels
@@ -476,7 +523,7 @@ def _decode_int4_only(hq, hkv, d, batch, ctx, t, rep_ms):
 
     def run():
         pool, table = sets.next()
-        return kernels.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16")
+        return kernels.decode(q, pool, table, sl, tf.q_matrix if rotated else None, None, d ** -0.5, "int4", "fp16")
 
     ms = _bench(run, rep_ms, graph=True)
     return ms, nbytes / ms / 1e9
@@ -544,6 +591,8 @@ def run(args) -> int:
         result["tune"] = tune_decode(args.rep_ms, t, peak)
     if "tunesplit" in parts and "tune" not in parts:
         result["tune_split"] = tune_decode_splits(args.rep_ms, t, peak)
+    if "tunereg" in parts:
+        result["tune_reg"] = tune_decode_regs(args.rep_ms, t, peak)
     if "tuneappend" in parts:
         result["tune_append"] = tune_append(args.rep_ms, t)
     if "tuneprefill" in parts:

@@ -24,3 +24,32 @@ def test_shapes_by_regime_follows_tile_config():
     for hq, hkv, d, b, ctx in shapes["many"]:
         assert dmod.tile_config(b, hkv, d, "int4", 132) is dmod.CONFIG["many"]
     assert (32, 8, 128, 1, 2048) in shapes["few"] and (32, 8, 128, 64, 8192) in shapes["many"]
+
+
+def test_tune_decode_key_keeps_the_least_relative_value(monkeypatch):
+    """The tuning loop with fake timings: it times every value on every shape of its regime and
+    leaves the winner in kernels.decode.CONFIG."""
+    import types
+
+    import torch
+
+    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
+    saved = {k: dict(v) for k, v in dmod.CONFIG.items()}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(multi_processor_count=132))
+    calls = []
+
+    def fake(hq, hkv, d, b, ctx, t, rep_ms, rotated=True):
+        cap = dmod.tile_config(b, hkv, d, "int4", 132).get("maxnreg")  # the config this launch would use
+        calls.append((b, ctx, rotated, cap))
+        ms = {None: 1.0, 168: 0.9, 128: 1.2}[cap]
+        return ms, 1.0
+
+    monkeypatch.setattr(bench, "_decode_int4_only", fake)
+    try:
+        rows = bench.tune_decode_regs(1.0, 64, 4.0)
+        assert dmod.CONFIG["many"]["maxnreg"] == 168 and dmod.CONFIG["few"]["maxnreg"] == 168
+        assert len(rows) == len(calls) == 3 * 2 * len(bench.TUNE_SHAPES)
+        assert {r["format"] for r in rows} == {"saw_int4", "int4"}
+    finally:
+        dmod.CONFIG.clear()
+        dmod.CONFIG.update(saved)

@@ -364,64 +364,49 @@ def _least_relative(timed):
     return min(score, key=score.get)
 
 
-def tune_decode_splits(rep_ms, t, peak, rows=None):
-    """Split granularity per regime (CONFIG[regime]["waves"]: the split count aims at waves x SMs
-    programs), on the regime's shapes; sets the fastest in total."""
-    import importlib
-
-    import torch
-
-    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    rows = [] if rows is None else rows
-    shapes = _shapes_by_regime(dmod, sms)
-    for name, waves_grid in (("many", (2, 4, 8, 12, 16, 24)), ("few", (1, 2, 4, 8))):
-        timed = {}  # waves -> [ms per shape]
-        for waves in waves_grid if shapes[name] else ():
-            dmod.CONFIG[name] = {**dmod.CONFIG[name], "waves": waves}
-            timed[waves] = []
-            for hq, hkv, d, b, ctx in shapes[name]:
-                ms, tbps = _decode_int4_only(hq, hkv, d, b, ctx, t, rep_ms)
-                timed[waves].append(ms)
-                rows.append({"regime": name, "waves": waves, "shape": [hq, hkv, d, b, ctx], "ms": ms,
-                             "frac_bw": tbps / peak})
-                print(f"tune {name} waves={waves} {hq}/{hkv}/{d} b={b} ctx={ctx}: {ms * 1e3:.1f} us "
-                      f"{tbps:.2f} TB/s {tbps / peak:.0%}", flush=True)
-        if timed:
-            dmod.CONFIG[name] = {**dmod.CONFIG[name], "waves": _least_relative(timed)}
-    print(f"tune: decode config now {dmod.CONFIG}")
-    return rows
-
-
-def tune_decode_regs(rep_ms, t, peak):
-    """Register cap per regime (CONFIG[regime]["maxnreg"]), timed on saw_int4 and plain int4 (their
-    kernels differ: 168 and 220 registers per thread at the "many" tiles, i.e. 6 and 4 resident
-    programs per SM); sets the cap with the least relative time."""
+def _tune_decode_key(key, grids, rotations, rep_ms, t, peak, rows):
+    """Times each value of kernels.decode.CONFIG[regime][key] (grids: {regime: values}) on the regime's
+    TUNE_SHAPES, with the q rotation (saw_int4) and/or without (int4) as `rotations` says, and keeps
+    per regime the value with the least relative time."""
     import importlib
 
     import torch
 
     dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
     shapes = _shapes_by_regime(dmod, torch.cuda.get_device_properties(0).multi_processor_count)
-    rows = []
-    for name in ("many", "few"):
-        timed = {}
-        for cap in TUNE_DECODE_MAXNREG if shapes[name] else ():
-            dmod.CONFIG[name] = {**dmod.CONFIG[name], "maxnreg": cap}
-            timed[cap] = []
+    for name, values in grids.items():
+        timed = {}  # value -> [ms per shape and format]
+        for value in values if shapes[name] else ():
+            dmod.CONFIG[name] = {**dmod.CONFIG[name], key: value}
+            timed[value] = []
             for hq, hkv, d, b, ctx in shapes[name]:
-                for rotated in (True, False):
+                for rotated in rotations:
                     ms, tbps = _decode_int4_only(hq, hkv, d, b, ctx, t, rep_ms, rotated)
-                    timed[cap].append(ms)
+                    timed[value].append(ms)
                     fmt = "saw_int4" if rotated else "int4"
-                    rows.append({"regime": name, "maxnreg": cap, "format": fmt, "shape": [hq, hkv, d, b, ctx],
+                    rows.append({"regime": name, key: value, "format": fmt, "shape": [hq, hkv, d, b, ctx],
                                  "ms": ms, "frac_bw": tbps / peak})
-                    print(f"tune {name} maxnreg={cap} {fmt} {hq}/{hkv}/{d} b={b} ctx={ctx}: {ms * 1e3:.1f} us "
+                    print(f"tune {name} {key}={value} {fmt} {hq}/{hkv}/{d} b={b} ctx={ctx}: {ms * 1e3:.1f} us "
                           f"{tbps:.2f} TB/s {tbps / peak:.0%}", flush=True)
         if timed:
-            dmod.CONFIG[name] = {**dmod.CONFIG[name], "maxnreg": _least_relative(timed)}
+            dmod.CONFIG[name] = {**dmod.CONFIG[name], key: _least_relative(timed)}
     print(f"tune: decode config now {dmod.CONFIG}")
     return rows
+
+
+def tune_decode_splits(rep_ms, t, peak, rows=None):
+    """Split granularity per regime (CONFIG[regime]["waves"]: the split count aims at waves x SMs
+    programs), timed on saw_int4."""
+    grids = {"many": (2, 4, 8, 12, 16, 24), "few": (1, 2, 4, 8)}
+    return _tune_decode_key("waves", grids, (True,), rep_ms, t, peak, [] if rows is None else rows)
+
+
+def tune_decode_regs(rep_ms, t, peak):
+    """Register cap per regime (CONFIG[regime]["maxnreg"]), timed on saw_int4 and plain int4: their
+    kernels differ (168 and 220 registers per thread at the "many" tiles, i.e. 6 and 4 resident
+    programs per SM)."""
+    grids = {"many": TUNE_DECODE_MAXNREG, "few": TUNE_DECODE_MAXNREG}
+    return _tune_decode_key("maxnreg", grids, (True, False), rep_ms, t, peak, [])
 
 
 def tune_append(rep_ms, t):

@@ -141,38 +141,36 @@ def _transform_rows(row_ptr, rmask, m_ptr, TRANS: tl.constexpr, D: tl.constexpr,
     return y_lo, y_hi
 
 
+def _unpack_asm(magic: int) -> tl.constexpr:
+    """PTX for four code bytes ($4) -> eight 16-bit values magic | nibble, lo nibbles in $0/$1 and hi
+    nibbles in $2/$3 (2 byte permutes, 2 shifts, 4 LOP3s; no int->float conversion instructions)."""
+    m = f"0x{magic:04X}{magic:04X}"
+    return tl.constexpr(f"""{{
+            .reg .b32 t0, t1;
+            prmt.b32 t0, $4, 0, 0x4140;
+            prmt.b32 t1, $4, 0, 0x4342;
+            lop3.b32 $0, t0, 0x000F000F, {m}, 0xEA;
+            lop3.b32 $1, t1, 0x000F000F, {m}, 0xEA;
+            shr.u32 t0, t0, 4;
+            shr.u32 t1, t1, 4;
+            lop3.b32 $2, t0, 0x000F000F, {m}, 0xEA;
+            lop3.b32 $3, t1, 0x000F000F, {m}, 0xEA;
+            }}""")
+
+
+_UNPACK_FP16 = _unpack_asm(0x6400)  # fp16 1024 + n
+_UNPACK_BF16 = _unpack_asm(0x4300)  # bf16 128 + n
+
+
 @triton.jit
 def _unpack_int4_magic(c, FP16: tl.constexpr):
-    """uint8 codes -> (lo, hi) nibbles as bf16 128 + n (fp16: 1024 + n), four bytes per PTX block:
-    2 byte permutes, 2 shifts and 4 LOP3s for 8 values (no int->float conversion instructions)."""
+    """uint8 codes -> (lo, hi) nibbles as bf16 128 + n (fp16: 1024 + n), four bytes per PTX block."""
     if FP16:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t0, t1;
-            prmt.b32 t0, $4, 0, 0x4140;
-            prmt.b32 t1, $4, 0, 0x4342;
-            lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
-            shr.u32 t0, t0, 4;
-            shr.u32 t1, t1, 4;
-            lop3.b32 $2, t0, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 $3, t1, 0x000F000F, 0x64006400, 0xEA;
-            }""",
-            constraints="=r,=r,=r,=r,r", args=[c], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(asm=_UNPACK_FP16, constraints="=r,=r,=r,=r,r", args=[c],
+                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     else:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t0, t1;
-            prmt.b32 t0, $4, 0, 0x4140;
-            prmt.b32 t1, $4, 0, 0x4342;
-            lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xEA;
-            shr.u32 t0, t0, 4;
-            shr.u32 t1, t1, 4;
-            lop3.b32 $2, t0, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 $3, t1, 0x000F000F, 0x43004300, 0xEA;
-            }""",
-            constraints="=r,=r,=r,=r,r", args=[c], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(asm=_UNPACK_BF16, constraints="=r,=r,=r,=r,r", args=[c],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
 
 @triton.jit

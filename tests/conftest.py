@@ -15,6 +15,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (and stall badly on a busy 2-core runner)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def K():
     """The kernel modules, run by Triton's interpreter; skips where they were compiled for a GPU."""

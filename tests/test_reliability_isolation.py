@@ -23,6 +23,8 @@ from trtllm_sawint4.quant import unpack_int4
 
 from helpers import SPECS, dense_attention
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def block_digests(pools: torch.Tensor) -> list[str]:
     """sha256 of every block across all layers: pools [L, NB, ...] -> NB digests."""
@@ -306,13 +308,6 @@ class Soak:
 
 
 # ---- CPU tests -----------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (and stall badly on a busy 2-core runner)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 CPU_SOAK_STEPS = int(os.environ.get("SAWINT4_CPU_SOAK_STEPS", "200"))

@@ -36,13 +36,7 @@ SCALE = 1.0 / math.sqrt(D)
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (and stall badly on a busy 2-core runner)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _spec(name: str) -> KVCacheSpec:

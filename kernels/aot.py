@@ -40,7 +40,7 @@ def decode_aot(query, pool, block_table, seq_lens, q_matrix, v_matrix, max_block
     tiles = tl.cdiv(max_blocks * T, BLOCK_N)
     _decode_kernel(query, pool, pool.to(tl.pointer_type(tl.bfloat16)),
                    pool.to(tl.pointer_type(tl.float32)), block_table, seq_lens, q_matrix, v_matrix, out, out, out,
-                   HQ * D, D, HQ * D, D, max_blocks, QK_SCALE, tiles,
+                   HQ * D, D, HQ * D, D, max_blocks, QK_SCALE, tiles, max_blocks * T,
                    H, G, GP, D, T, R, STORAGE, META32, HAS_QM, HAS_VM, False, BLOCK_N, DT, PREC, Q_CHUNK)
 
 

@@ -119,10 +119,12 @@ def _tile_rows(n0, BLOCK_N: tl.constexpr, T: tl.constexpr):
 @triton.jit
 def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr, vm_ptr, out_ptr, po_ptr, pl_ptr,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_bt, qk_scale, tiles_per_split,
+                   max_tokens,
                    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
                    R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
                    HAS_VM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
                    PREC: tl.constexpr, Q_CHUNK: tl.constexpr = 16):
+    """max_tokens: block-table width x T; the block-id loads do not wait for seq_len's."""
     # the V rotation is applied by the reduce kernel: the unsplit path has none
     tl.static_assert(SPLIT or not HAS_VM, "decode with v_matrix needs the split path (SPLIT=True)")
     b = tl.program_id(0)
@@ -155,8 +157,9 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
     acc_hi = tl.zeros([GP, HALF], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     # Block ids are read one tile ahead into a loop-carried value: a code load whose address comes
-    # from a load in the same iteration gets a single pipeline buffer from Triton's pipeliner.
-    id_limit = tl.minimum(seq_len, t1 * BLOCK_N)
+    # from a load in the same iteration gets a single pipeline buffer from Triton's pipeliner. Ids
+    # past seq_len (inside the table row) may be read but only address masked-off tokens.
+    id_limit = tl.minimum(max_tokens, (t0 + tiles_per_split) * BLOCK_N)
     blk_next = _tile_block_ids(bt_row, t0 * BLOCK_N, id_limit, BLOCK_N, T)
     for t in range(t0, t1):
         tok = t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -334,28 +337,43 @@ def _num_sms(device) -> int:
 
 
 #: Tunables (`sawint4 bench --only tune` re-measures them). Tile configs by regime: "many" when the
-#: batch alone gives at least 2 CTAs per SM (batch x KV heads >= 2 x SMs, head_dim >= 128; smaller
-#: CTAs keep more tiles in flight per SM), "few" otherwise (the context is split; bigger tiles per
-#: step), and bf16 storage. Splits (plan_splits): aim at waves x SMs programs, each with at least
-#: min_tiles_per_split tiles. "maxnreg" (a per-thread register cap; absent: the compiler's choice)
-#: trades spills for resident programs; `--only tunereg` measures it (offline counts: docs/kernels.md).
-#: Measured on the H200: docs/kernels.md.
+#: batch alone gives at least 2 CTAs per SM (batch x KV heads >= 2 x SMs, head_dim >= 128), "tiny"
+#: when the whole step is at most TINY_TOKEN_HEADS tokens x KV heads (latency-bound: 4 warps shorten
+#: each program's chain), "few" otherwise (the context is split), and bf16 storage. Splits
+#: (plan_splits): aim at waves x SMs programs, each with at least min_tiles_per_split tiles.
+#: "maxnreg" (a per-thread register cap; absent: the compiler's choice) trades spills for resident
+#: programs; `--only tunereg` measures it. Measured on the H200 (session 4 sweep,
+#: scripts/sweep_decode_small.py): docs/kernels.md.
 CONFIG = {
     # "many": 512 programs of 4-6 resident per SM fill 0.65 of the GPU (ncu): split long contexts in 3
     "many": {"block_n": 64, "num_warps": 2, "num_stages": 3, "waves": 8, "min_tiles_per_split": 32, "q_chunk": 16},
-    "few": {"block_n": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "min_tiles_per_split": 2, "q_chunk": 64},
+    "few": {"block_n": 64, "num_warps": 2, "num_stages": 3, "waves": 4, "min_tiles_per_split": 2, "q_chunk": 16},
+    "tiny": {"block_n": 64, "num_warps": 4, "num_stages": 3, "waves": 2, "min_tiles_per_split": 1, "q_chunk": 64},
     # bf16: 32 KB tiles, one buffer keeps twice the programs resident
     "bf16": {"block_n": 64, "num_warps": 4, "num_stages": 2, "waves": 2, "min_tiles_per_split": 2, "q_chunk": 16},
 }
 
+#: Largest batch x KV heads x max_tokens of the "tiny" regime (1 x 8k or 8 x 1k at 8 KV heads).
+TINY_TOKEN_HEADS = 65536
 
-def tile_config(batch: int, kv_heads: int, head_dim: int, storage: str, num_sms: int) -> dict:
-    """The CONFIG entry (block_n, num_warps, num_stages) used for a decode launch. The "many"
-    tiles pay off at head_dim 128 and up; at 64 a tile is half the bytes and "few" stays faster."""
+
+def tile_config(batch: int, kv_heads: int, head_dim: int, storage: str, num_sms: int,
+                max_tokens: int | None = None) -> dict:
+    """The CONFIG entry used for a decode launch (max_tokens: block-table width x tokens per block;
+    None: not tiny)."""
     if storage == "bf16":
         return CONFIG["bf16"]
-    many = batch * kv_heads >= 2 * num_sms and head_dim >= 128
-    return CONFIG["many"] if many else CONFIG["few"]
+    if batch * kv_heads >= 2 * num_sms and head_dim >= 128:
+        return CONFIG["many"]
+    if max_tokens is not None and batch * kv_heads * max_tokens <= TINY_TOKEN_HEADS:
+        return CONFIG["tiny"]
+    return CONFIG["few"]
+
+
+def regime_of(batch: int, kv_heads: int, head_dim: int, max_tokens: int, num_sms: int) -> str:
+    """The CONFIG key tile_config picks for an INT4 launch of this shape."""
+    cfg = tile_config(batch, kv_heads, head_dim, "int4", num_sms, max_tokens)
+    return next(k for k, v in CONFIG.items() if v is cfg)
 
 
 def plan_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int, num_sms: int,
@@ -384,10 +402,10 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
     if query.stride(-1) != 1:
         query = query.contiguous()
     interp = pool.device.type == "cpu"
-    cfg = tile_config(bsz, h, d, storage, _num_sms(pool.device))
+    max_tokens = block_table.shape[1] * t
+    cfg = tile_config(bsz, h, d, storage, _num_sms(pool.device), max_tokens)
     block_n = 16 if interp else cfg["block_n"]
     gp = max(16, triton.next_power_of_2(g))
-    max_tokens = block_table.shape[1] * t
     if num_splits is None:
         splits, tps = plan_splits(bsz, h, max_tokens, block_n, _num_sms(pool.device), cfg["waves"],
                                   cfg["min_tiles_per_split"])
@@ -410,7 +428,7 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
     _decode_kernel[(bsz, h, splits)](
         query, *_pool_views(pool), block_table, seq_lens, qm, vm, out, po, pl,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
-        float(scale) * LOG2E, tps,
+        float(scale) * LOG2E, tps, max_tokens,
         H=h, G=g, GP=gp, D=d, T=t, R=pool.shape[-1], STORAGE=STORAGE_CODE[storage], META32=meta_dtype == "fp32",
         HAS_QM=q_matrix is not None, HAS_VM=v_matrix is not None, SPLIT=splits > 1, BLOCK_N=block_n,
         DT=dt, PREC=prec, Q_CHUNK=16 if interp else min(d, cfg.get("q_chunk", 16)),

@@ -20,10 +20,13 @@ def test_least_relative_weighs_every_shape_equally():
 def test_shapes_by_regime_follows_tile_config():
     dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
     shapes = bench._shapes_by_regime(dmod, 132)
-    assert sorted(shapes["many"] + shapes["few"]) == sorted(bench.TUNE_SHAPES)
-    for hq, hkv, d, b, ctx in shapes["many"]:
-        assert dmod.tile_config(b, hkv, d, "int4", 132) is dmod.CONFIG["many"]
-    assert (32, 8, 128, 1, 2048) in shapes["few"] and (32, 8, 128, 64, 8192) in shapes["many"]
+    assert sorted(shapes["many"] + shapes["few"] + shapes["tiny"]) == sorted(bench.TUNE_SHAPES)
+    for name, group in shapes.items():
+        assert group, f"no tune shape in regime {name}"
+        for hq, hkv, d, b, ctx in group:
+            assert dmod.tile_config(b, hkv, d, "int4", 132, ctx) is dmod.CONFIG[name]
+    assert (32, 8, 128, 1, 2048) in shapes["tiny"] and (32, 8, 128, 1, 32768) in shapes["few"]
+    assert (32, 8, 128, 64, 8192) in shapes["many"]
 
 
 def test_tune_decode_key_keeps_the_least_relative_value(monkeypatch):
@@ -39,7 +42,7 @@ def test_tune_decode_key_keeps_the_least_relative_value(monkeypatch):
     calls = []
 
     def fake(hq, hkv, d, b, ctx, t, rep_ms, rotated=True):
-        cap = dmod.tile_config(b, hkv, d, "int4", 132).get("maxnreg")  # the config this launch would use
+        cap = dmod.tile_config(b, hkv, d, "int4", 132, ctx).get("maxnreg")  # the config this launch would use
         calls.append((b, ctx, rotated, cap))
         ms = {None: 1.0, 168: 0.9, 128: 1.2}[cap]
         return ms, 1.0
@@ -47,7 +50,7 @@ def test_tune_decode_key_keeps_the_least_relative_value(monkeypatch):
     monkeypatch.setattr(bench, "_decode_int4_only", fake)
     try:
         rows = bench.tune_decode_regs(1.0, 64, 4.0)
-        assert dmod.CONFIG["many"]["maxnreg"] == 168 and dmod.CONFIG["few"]["maxnreg"] == 168
+        assert all(dmod.CONFIG[name]["maxnreg"] == 168 for name in ("many", "few", "tiny"))
         assert len(rows) == len(calls) == 3 * 2 * len(bench.TUNE_SHAPES)
         assert {r["format"] for r in rows} == {"saw_int4", "int4"}
     finally:

@@ -241,6 +241,7 @@ PREFILL_CASES = [
     # fmt, meta, d, h, group, t, lens, q_lens, dtype
     ("saw_int4", "fp16", 64, 2, 2, 16, [40, 21, 9], [40, 5, 0], torch.bfloat16),  # prefill + extend + idle
     ("int4", "fp32", 32, 1, 4, 8, [30, 50], [30, 20], torch.float16),
+    ("saw_int4", "fp16", 32, 2, 3, 8, [26, 19], [26, 11], torch.float16),  # G 3: a padded head row per token
     ("int8", "fp16", 64, 1, 1, 32, [45], [17], torch.bfloat16),
     ("bf16", "fp16", 64, 2, 2, 16, [20, 33], [20, 1], torch.float16),
 ]
@@ -323,8 +324,9 @@ def test_int4_code_offset_path_fp16(K, fmt, meta, d, t, lens):
 
 
 def test_split_plan_of_the_tuned_regimes():
-    """The split counts the H200 measurements were taken with (docs/kernels.md, session 2): the
-    "many" regime splits long contexts in 2-3 and leaves <= 2k tokens whole; "few" aims at 2 waves."""
+    """The split counts the H200 measurements were taken with (docs/kernels.md, sessions 2 and 4):
+    the "many" regime splits long contexts in 2-3 and leaves <= 2k tokens whole; "few" aims at 4
+    waves (3 splits at 32 x 8k, 2 at 9/3 x 128); "tiny" splits down to single 64-token tiles."""
     from trtllm_sawint4.kernels.decode import CONFIG, plan_splits
 
     def splits(regime, batch, heads, ctx):
@@ -333,4 +335,6 @@ def test_split_plan_of_the_tuned_regimes():
 
     assert [splits("many", 64, 8, n) for n in (1024, 2048, 8192, 32768)] == [1, 1, 3, 3]
     assert splits("many", 128, 8, 8192) == 2
-    assert splits("few", 8, 8, 32768) == 5 and splits("few", 1, 8, 32768) == 32
+    assert splits("few", 8, 8, 32768) == 9 and splits("few", 1, 8, 32768) == 64
+    assert splits("few", 32, 8, 8192) == 3 and splits("few", 128, 3, 32768) == 2
+    assert splits("tiny", 1, 8, 1024) == 16 and splits("tiny", 8, 8, 1024) == 4

@@ -308,11 +308,10 @@ def tune_decode(rep_ms, t, peak):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     shapes = [(32, 8, 128, 64, 8192), (64, 8, 128, 128, 2048), (32, 8, 128, 8, 32768), (32, 8, 128, 1, 32768),
               (9, 3, 64, 64, 8192)]
-    regime = {s: "many" if dmod.tile_config(s[3], s[1], s[2], "int4", sms) is dmod.CONFIG["many"] else "few"
-              for s in shapes}
+    regime = {s: dmod.regime_of(s[3], s[1], s[2], s[4], sms) for s in shapes}
     grid = [dict(block_n=bn, num_warps=warps, num_stages=stages)
             for bn, warps in TUNE_DECODE_TILES for stages in TUNE_DECODE_STAGES]
-    saved = {k: dict(dmod.CONFIG[k]) for k in ("many", "few")}
+    saved = {k: dict(dmod.CONFIG[k]) for k in set(regime.values())}
     rows = []
     for cfg in grid:
         for shape in shapes:
@@ -327,7 +326,7 @@ def tune_decode(rep_ms, t, peak):
             print(f"tune {regime[shape]} bn={cfg['block_n']} w={cfg['num_warps']} s={cfg['num_stages']} "
                   f"{hq}/{hkv}/{d} b={b} ctx={ctx}: {r[0] * 1e3:.1f} us {r[1]:.2f} TB/s {r[1] / peak:.0%}", flush=True)
         dmod.CONFIG.update({k: dict(v) for k, v in saved.items()})
-    for name in ("many", "few"):
+    for name in set(regime.values()):
         mine = [r for r in rows if r["regime"] == name]
         best_of = {}
         for r in mine:
@@ -344,15 +343,16 @@ def tune_decode(rep_ms, t, peak):
 
 
 TUNE_SHAPES = [(32, 8, 128, 64, 2048), (32, 8, 128, 64, 8192), (32, 8, 128, 64, 32768), (32, 8, 128, 128, 8192),
-               (32, 8, 128, 8, 32768), (32, 8, 128, 1, 32768), (32, 8, 128, 1, 2048), (9, 3, 64, 64, 8192)]
+               (32, 8, 128, 8, 32768), (32, 8, 128, 32, 8192), (32, 8, 128, 1, 32768), (9, 3, 64, 64, 8192),
+               (32, 8, 128, 1, 2048), (32, 8, 128, 8, 1024), (9, 3, 64, 8, 2048)]
 TUNE_DECODE_MAXNREG = (None, 168, 128)  # register caps per thread (None: the compiler's choice)
 
 
 def _shapes_by_regime(dmod, sms):
     """TUNE_SHAPES grouped as kernels.decode.tile_config groups them on this GPU."""
-    shapes = {"many": [], "few": []}
+    shapes = {"many": [], "few": [], "tiny": []}
     for s in TUNE_SHAPES:
-        shapes["many" if dmod.tile_config(s[3], s[1], s[2], "int4", sms) is dmod.CONFIG["many"] else "few"].append(s)
+        shapes[dmod.regime_of(s[3], s[1], s[2], s[4], sms)].append(s)
     return shapes
 
 
@@ -397,7 +397,7 @@ def _tune_decode_key(key, grids, rotations, rep_ms, t, peak, rows):
 def tune_decode_splits(rep_ms, t, peak, rows=None):
     """Split granularity per regime (CONFIG[regime]["waves"]: the split count aims at waves x SMs
     programs), timed on saw_int4."""
-    grids = {"many": (2, 4, 8, 12, 16, 24), "few": (1, 2, 4, 8)}
+    grids = {"many": (2, 4, 8, 12, 16, 24), "few": (2, 4, 6, 8), "tiny": (1, 2, 4)}
     return _tune_decode_key("waves", grids, (True,), rep_ms, t, peak, [] if rows is None else rows)
 
 
@@ -405,7 +405,7 @@ def tune_decode_regs(rep_ms, t, peak):
     """Register cap per regime (CONFIG[regime]["maxnreg"]), timed on saw_int4 and plain int4: their
     kernels differ (168 and 220 registers per thread at the "many" tiles, i.e. 6 and 4 resident
     programs per SM)."""
-    grids = {"many": TUNE_DECODE_MAXNREG, "few": TUNE_DECODE_MAXNREG}
+    grids = {name: TUNE_DECODE_MAXNREG for name in ("many", "few", "tiny")}
     return _tune_decode_key("maxnreg", grids, (True, False), rep_ms, t, peak, [])
 
 

@@ -157,7 +157,7 @@ def test_decode(K, fmt, meta, d, h, group, t, dtype):
         _close(got[1:], want[1:])
 
 
-@pytest.mark.parametrize("regime", ["many", "few"])
+@pytest.mark.parametrize("regime", ["many", "few", "tiny"])
 @pytest.mark.parametrize("fmt,t", [("saw_int4", 64), ("saw_int4", 16), ("int4", 128)])
 def test_decode_each_tile_config(K, monkeypatch, regime, fmt, t):
     """Every tile config of kernels.decode.CONFIG, split and unsplit, whatever shape selects it
@@ -182,10 +182,11 @@ def test_decode_each_tile_config(K, monkeypatch, regime, fmt, t):
         _close(got, want)
 
 
-def test_decode_cuda_graph(K):
+@pytest.mark.parametrize("rotate_v", [True, False])  # the V-rotating merge / the plain one
+def test_decode_cuda_graph(K, rotate_v):
     """A decode step captured in a CUDA graph and replayed with new lengths/queries equals eager."""
     torch.manual_seed(2)
-    spec = _spec("saw_int4", 128, 8, 64, rotate_v=True)
+    spec = _spec("saw_int4", 128, 8, 64, rotate_v=rotate_v)
     tf = _tf(spec)
     b, mb = 16, 64
     nb = b * mb

@@ -1,0 +1,96 @@
+"""Decode tile/split configs below the "many" regime (GPU): for each shape, SDPA's time and the
+time of saw_int4 decode under each candidate config, so that the regime rules of kernels/decode.py
+(tile_config, plan_splits) can be chosen from measurements.
+
+    python scripts/sweep_decode_small.py [--rep-ms 10] [--json out.json]
+
+Prints per shape SDPA, the current choice and the best candidate (and every candidate's µs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from trtllm_sawint4.bench import _quant_pool
+from trtllm_sawint4.spec import KVCacheSpec
+from trtllm_sawint4.transforms import build_layer_transform
+
+SHAPES = [(32, 8, 128, b, c) for b in (1, 8, 32) for c in (1024, 2048, 8192, 32768)] + [
+    (9, 3, 64, 1, 2048), (9, 3, 64, 1, 32768), (9, 3, 64, 8, 2048), (9, 3, 64, 8, 32768), (9, 3, 64, 32, 1024),
+    (9, 3, 64, 32, 32768), (9, 3, 64, 64, 2048), (9, 3, 64, 64, 32768), (9, 3, 64, 128, 1024),
+    (9, 3, 64, 128, 32768)]
+
+
+def _cfg(block_n, warps, waves, min_tiles):
+    return {"block_n": block_n, "num_warps": warps, "num_stages": 3, "waves": waves, "min_tiles_per_split": min_tiles,
+            "q_chunk": 64 if warps >= 4 else 16}
+
+
+#: Candidate configs, each applied to every shape (None: kernels.decode's own choice).
+CANDIDATES = {
+    "current": None,
+    "bn128w4 wv2 mt2": _cfg(128, 4, 2, 2), "bn64w4 wv2 mt1": _cfg(64, 4, 2, 1), "bn64w4 wv4 mt2": _cfg(64, 4, 4, 2),
+    "bn64w4 wv2 mt4": _cfg(64, 4, 2, 4), "bn64w2 wv4 mt2": _cfg(64, 2, 4, 2), "bn64w2 wv2 mt4": _cfg(64, 2, 2, 4),
+    "bn128w4 wv4 mt4": _cfg(128, 4, 4, 4), "bn64w2 wv8 mt32": _cfg(64, 2, 8, 32), "bn64w2 wv4 mt32": _cfg(64, 2, 4, 32),
+    "bn128w4 wv1 mt2": _cfg(128, 4, 1, 2), "bn64w4 wv1 mt2": _cfg(64, 4, 1, 2),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rep-ms", type=float, default=10.0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
+    current = dmod.tile_config
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for hq, hkv, d, b, ctx in SHAPES:
+        spec = KVCacheSpec(d, hkv, 64, kv_format="saw_int4")
+        tf = build_layer_transform(spec).to("cuda")
+        nb = b * ctx // 64
+        pool = _quant_pool(spec, nb, "cuda")
+        table = torch.randperm(nb, device="cuda").int().view(b, -1)
+        sl = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+
+        def timed(fn):
+            return triton.testing.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median") * 1e3
+
+        sdpa = timed(lambda: F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=d ** -0.5, enable_gqa=True))
+        run = lambda: dmod.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16")  # noqa: E731
+        times = {}
+        for name, cfg in CANDIDATES.items():
+            c = cfg or current(b, hkv, d, "int4", sms, ctx)
+            dmod.tile_config = lambda *a, c=c: c
+            try:
+                times[name] = timed(run)
+            except Exception as e:  # noqa: BLE001 (a config that does not compile)
+                print(f"  {name}: failed {str(e)[:60]}")
+                continue
+            finally:
+                dmod.tile_config = current
+            splits, _ = dmod.plan_splits(b, hkv, ctx, c["block_n"], sms, c["waves"], c["min_tiles_per_split"])
+            rows.append({"shape": [hq, hkv, d, b, ctx], "name": name, **c, "splits": splits, "us": times[name],
+                         "sdpa_us": sdpa})
+        best = min(times, key=times.get)
+        print(f"{hq}/{hkv} D{d} b{b} ctx{ctx}: sdpa {sdpa:.1f} us | current {times['current']:.1f} "
+              f"({sdpa / times['current']:.2f}x) | best {best} {times[best]:.1f} ({sdpa / times[best]:.2f}x) | "
+              + " ".join(f"{v:.1f}" for v in times.values()), flush=True)
+        del pool, k, v
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -15,9 +15,7 @@ import torch.nn.functional as F
 import triton.testing
 
 from trtllm_sawint4 import kernels
-from trtllm_sawint4.bench import _quant_pool
-from trtllm_sawint4.spec import KVCacheSpec
-from trtllm_sawint4.transforms import build_layer_transform
+from trtllm_sawint4.bench import decode_case
 
 SHAPES = [(32, 8, 128, 1, 2048), (32, 8, 128, 1, 32768), (32, 8, 128, 8, 1024), (32, 8, 128, 8, 2048),
           (9, 3, 64, 1, 32768), (9, 3, 64, 8, 32768), (9, 3, 64, 64, 2048),
@@ -43,15 +41,8 @@ def kernel_durations(fn, reps=20):
 
 def main():
     for hq, hkv, d, b, ctx in SHAPES:
-        spec = KVCacheSpec(d, hkv, 64, kv_format="saw_int4")
-        tf = build_layer_transform(spec).to("cuda")
-        nb = b * ctx // 64
-        pool = _quant_pool(spec, nb, "cuda")
-        table = torch.randperm(nb, device="cuda").int().view(b, -1)
-        sl = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
-        q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(b, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
+        c = decode_case(hq, hkv, d, b, ctx)
+        tf, pool, table, sl, q, k, v = c.tf, c.pool, c.table, c.seq_lens, c.q, c.k, c.v
         runs = {
             "sdpa": lambda: F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=d ** -0.5, enable_gqa=True),
             "int4": lambda: kernels.decode(q, pool, table, sl, None, None, d ** -0.5, "int4", "fp16"),

@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from trtllm_sawint4.bench import _quant_pool
-from trtllm_sawint4.spec import KVCacheSpec
-from trtllm_sawint4.transforms import build_layer_transform
+from trtllm_sawint4.bench import decode_case
 
 SHAPES = [(32, 8, 128, b, c) for b in (1, 8, 32) for c in (1024, 2048, 8192, 32768)] + [
     (9, 3, 64, 1, 2048), (9, 3, 64, 1, 32768), (9, 3, 64, 8, 2048), (9, 3, 64, 8, 32768), (9, 3, 64, 32, 1024),
@@ -52,15 +50,8 @@ def main():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for hq, hkv, d, b, ctx in SHAPES:
-        spec = KVCacheSpec(d, hkv, 64, kv_format="saw_int4")
-        tf = build_layer_transform(spec).to("cuda")
-        nb = b * ctx // 64
-        pool = _quant_pool(spec, nb, "cuda")
-        table = torch.randperm(nb, device="cuda").int().view(b, -1)
-        sl = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
-        q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(b, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
+        c = decode_case(hq, hkv, d, b, ctx)
+        tf, pool, table, sl, q, k, v = c.tf, c.pool, c.table, c.seq_lens, c.q, c.k, c.v
 
         def timed(fn):
             return triton.testing.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median") * 1e3
@@ -85,7 +76,7 @@ def main():
         print(f"{hq}/{hkv} D{d} b{b} ctx{ctx}: sdpa {sdpa:.1f} us | current {times['current']:.1f} "
               f"({sdpa / times['current']:.2f}x) | best {best} {times[best]:.1f} ({sdpa / times[best]:.2f}x) | "
               + " ".join(f"{v:.1f}" for v in times.values()), flush=True)
-        del pool, k, v
+        del c, pool, k, v
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

@@ -56,3 +56,17 @@ def test_tune_decode_key_keeps_the_least_relative_value(monkeypatch):
     finally:
         dmod.CONFIG.clear()
         dmod.CONFIG.update(saved)
+
+
+def test_decode_case_builds_a_consistent_shape():
+    """The inputs the GPU scripts time (built here on the CPU): every block used once, full lengths,
+    and a pool the reference decode reads."""
+    import torch
+
+    from trtllm_sawint4.ops import reference as ref
+
+    c = bench.decode_case(9, 3, 64, 2, 128, t=64, device="cpu")
+    assert sorted(c.table.flatten().tolist()) == list(range(4)) and c.seq_lens.tolist() == [128, 128]
+    assert c.q.shape == (2, 9, 64) and c.k.shape == c.v.shape == (2, 3, 128, 64)
+    out = ref.decode(c.q, c.pool, c.table, c.seq_lens, c.tf.q_matrix, None, 0.125, "int4", "fp16")
+    assert out.shape == c.q.shape and torch.isfinite(out).all()

@@ -117,6 +117,27 @@ def _bf16_pool(spec, num_blocks, device):
     return pool
 
 
+def decode_case(hq, hkv, d, batch, ctx, t=64, device="cuda"):
+    """One decode shape's inputs for the GPU scripts (scripts/decode_breakdown.py,
+    scripts/sweep_decode_small.py): the saw_int4 layer transform, a random INT4 pool behind a shuffled
+    block table, full lengths, a bf16 query, and contiguous bf16 K/V for SDPA."""
+    import types
+
+    import torch
+
+    from .spec import KVCacheSpec
+    from .transforms import build_layer_transform
+
+    spec = KVCacheSpec(d, hkv, t, kv_format="saw_int4")
+    nb = batch * ctx // t
+    k = torch.randn(batch, hkv, ctx, d, device=device, dtype=torch.bfloat16)
+    return types.SimpleNamespace(
+        tf=build_layer_transform(spec).to(device), pool=_quant_pool(spec, nb, device),
+        table=torch.randperm(nb, device=device).int().view(batch, -1),
+        seq_lens=torch.full((batch,), ctx, dtype=torch.int32, device=device),
+        q=torch.randn(batch, hq, d, device=device, dtype=torch.bfloat16), k=k, v=torch.randn_like(k))
+
+
 def bench_decode_point(hq, hkv, d, batch, ctx, t, rep_ms, peak_tbps, mem_limit_gb, kernels_to_run=None):
     import torch
     import torch.nn.functional as F

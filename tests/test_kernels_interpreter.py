@@ -241,7 +241,7 @@ PREFILL_CASES = [
     # fmt, meta, d, h, group, t, lens, q_lens, dtype
     ("saw_int4", "fp16", 64, 2, 2, 16, [40, 21, 9], [40, 5, 0], torch.bfloat16),  # prefill + extend + idle
     ("int4", "fp32", 32, 1, 4, 8, [30, 50], [30, 20], torch.float16),
-    ("saw_int4", "fp16", 32, 2, 3, 8, [26, 19], [26, 11], torch.float16),  # G 3: a padded head row per token
+    ("saw_int4", "fp16", 32, 2, 3, 8, [26, 19], [26, 11], torch.float16),  # G 3: a group that is not a power of 2
     ("int8", "fp16", 64, 1, 1, 32, [45], [17], torch.bfloat16),
     ("bf16", "fp16", 64, 2, 2, 16, [20, 33], [20, 1], torch.float16),
 ]

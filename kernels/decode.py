@@ -13,8 +13,6 @@ so the codes feed the tensor cores directly. The split count S comes from host-s
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl

@@ -69,10 +69,26 @@ def _mm(x, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _matmul_halves(x_lo, x_hi, m_ptr, TRANS: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+def _matmul_halves(x_lo, x_hi, m_ptr, TRANS: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+                   HB: tl.constexpr = 0):
     """(x @ B) in halves for x = [x_lo | x_hi] ([M, D/2] fp32 each), B = M^T if TRANS else M,
-    M an fp32 row-major [D, D] matrix at m_ptr."""
+    M an fp32 row-major [D, D] matrix at m_ptr (HB > 0: M in block-Hadamard form, see
+    _block_hadamard_form; only its diagonal factor is read)."""
     HALF: tl.constexpr = D // 2
+    if HB > 0:
+        cols = tl.arange(0, HALF)
+        d_lo = _hadamard_diag(m_ptr, cols, D, HB)
+        d_hi = _hadamard_diag(m_ptr, HALF + cols, D, HB)
+        if TRANS:
+            x_lo = x_lo * d_lo[None, :]
+            x_hi = x_hi * d_hi[None, :]
+        if HB > 1:
+            zero = tl.zeros(x_lo.shape, tl.float32)
+            x_lo, x_hi = _sylvester_halves(x_lo, x_hi, zero, zero, 0, HALF, HALF, HB, PREC)
+        if not TRANS:
+            x_lo = x_lo * d_lo[None, :]
+            x_hi = x_hi * d_hi[None, :]
+        return x_lo, x_hi
     j = tl.arange(0, HALF)[:, None]
     i = tl.arange(0, HALF)[None, :]
     if TRANS:
@@ -118,12 +134,93 @@ def _to_bf16_rne(x):
 
 
 @triton.jit
+def _hadamard_diag(m_ptr, j, D: tl.constexpr, HB: tl.constexpr):
+    """d_j = M[(j // HB) * HB, j]: the diagonal factor of M = S diag(d) (first row of each block)."""
+    return tl.load(m_ptr + ((j // HB) * HB) * D + j)
+
+
+@triton.jit
+def _sylvester_tile(j0, KC: tl.constexpr, N: tl.constexpr, HB: tl.constexpr, DT: tl.constexpr):
+    """Rows j0..j0+KC of blockdiag(S_r, ..., S_r) of size N, r = min(HB, N), as exact +-1/0 in DT:
+    S_r[i, j] = (-1)^popcount(i & j) (Sylvester). Made from indices: no memory traffic."""
+    RB: tl.constexpr = HB if HB < N else N
+    i = j0 + tl.arange(0, KC)[:, None]
+    j = tl.arange(0, N)[None, :]
+    a = i & j & (RB - 1)
+    a = a ^ (a >> 4)  # parity of a (< 256) by xor folding
+    a = a ^ (a >> 2)
+    a = a ^ (a >> 1)
+    if DT == tl.bfloat16:  # the bits of +-1.0 directly (an int->float conversion runs at 1/4 rate)
+        return tl.where((i ^ j) < RB, 0x3F80 | ((a & 1) << 15), 0).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return tl.where((i ^ j) < RB, 1 - 2 * (a & 1), 0).to(DT)
+
+
+@triton.jit
+def _mm_pm1(x, s, acc, PREC: tl.constexpr):
+    """acc + x [M, K] fp32 @ s [K, N] (+-1/0, exact in bf16), fp32. x is split into bf16 terms (two;
+    three for PREC 2/3): the products are exact, so this is fp32-accurate to 2^-17 (2^-24)."""
+    if PREC == 0:
+        return tl.dot(x, s, acc, input_precision="ieee")
+    x1 = x.to(tl.bfloat16)
+    r1 = x - x1.to(tl.float32)
+    x2 = r1.to(tl.bfloat16)
+    if PREC == 2 or PREC == 3:
+        acc = tl.dot((r1 - x2.to(tl.float32)).to(tl.bfloat16), s, acc)
+    acc = tl.dot(x2, s, acc)
+    return tl.dot(x1, s, acc)
+
+
+@triton.jit
+def _sylvester_halves(x_lo, x_hi, y_lo, y_hi, j0, KC: tl.constexpr, HALF: tl.constexpr, HB: tl.constexpr,
+                      PREC: tl.constexpr):
+    """(y_lo, y_hi) + the contribution of channels j0..j0+KC of each half (x_lo, x_hi: [M, KC] fp32) to x @ S_blk, S_blk =
+    blockdiag(S_HB) of size D = 2 * HALF, in halves [M, HALF]. One [KC, HALF] tile serves both halves:
+    HB <= HALF keeps the halves apart; HB = D couples them as S_D = [[S_h, S_h], [S_h, -S_h]]."""
+    s = _sylvester_tile(j0, KC, HALF, HB, tl.float32 if PREC == 0 else tl.bfloat16)
+    if HB > HALF:
+        a = x_lo + x_hi
+        x_hi = x_lo - x_hi
+        x_lo = a
+    return _mm_pm1(x_lo, s, y_lo, PREC), _mm_pm1(x_hi, s, y_hi, PREC)
+
+
+@triton.jit
+def _hadamard_rows(row_ptr, rmask, m_ptr, TRANS: tl.constexpr, D: tl.constexpr, KC: tl.constexpr,
+                   PREC: tl.constexpr, HB: tl.constexpr):
+    """_transform_rows for M = S_blk diag(d) in block-Hadamard form: x @ M^T = (x * d) @ S_blk
+    (TRANS; S_blk is symmetric) or x @ M = (x @ S_blk) * d."""
+    HALF: tl.constexpr = D // 2
+    cols = tl.arange(0, HALF)
+    if HB == 1:  # diagonal M
+        y_lo = tl.load(row_ptr[:, None] + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        y_hi = tl.load(row_ptr[:, None] + HALF + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        return y_lo * _hadamard_diag(m_ptr, cols, D, HB)[None, :], y_hi * _hadamard_diag(m_ptr, HALF + cols, D, HB)[None, :]
+    y_lo = tl.zeros([row_ptr.shape[0], HALF], tl.float32)
+    y_hi = tl.zeros([row_ptr.shape[0], HALF], tl.float32)
+    for j0 in range(0, HALF, KC):
+        j = j0 + tl.arange(0, KC)
+        x_lo = tl.load(row_ptr[:, None] + j[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        x_hi = tl.load(row_ptr[:, None] + HALF + j[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        if TRANS:
+            x_lo = x_lo * _hadamard_diag(m_ptr, j, D, HB)[None, :]
+            x_hi = x_hi * _hadamard_diag(m_ptr, HALF + j, D, HB)[None, :]
+        y_lo, y_hi = _sylvester_halves(x_lo, x_hi, y_lo, y_hi, j0, KC, HALF, HB, PREC)
+    if not TRANS:
+        y_lo = y_lo * _hadamard_diag(m_ptr, cols, D, HB)[None, :]
+        y_hi = y_hi * _hadamard_diag(m_ptr, HALF + cols, D, HB)[None, :]
+    return y_lo, y_hi
+
+
+@triton.jit
 def _transform_rows(row_ptr, rmask, m_ptr, TRANS: tl.constexpr, D: tl.constexpr, KC: tl.constexpr,
-                    PREC: tl.constexpr):
+                    PREC: tl.constexpr, HB: tl.constexpr = 0):
     """Rows x ([M] pointers to D contiguous values in global memory) times B (B = M^T if TRANS else M,
     M fp32 row-major [D, D]), returned in halves [M, D/2] fp32. Chunked over the reduction (KC at a
-    time, a loop, not unrolled) so that few registers are live."""
+    time, a loop, not unrolled) so that few registers are live. HB > 0: M is in block-Hadamard form
+    (_block_hadamard_form) and only its D diagonal factors are read: no [D, D] matrix traffic."""
     HALF: tl.constexpr = D // 2
+    if HB > 0:
+        return _hadamard_rows(row_ptr, rmask, m_ptr, TRANS, D, KC, PREC, HB)
     i = tl.arange(0, HALF)[None, :]
     y_lo = tl.zeros([row_ptr.shape[0], HALF], tl.float32)
     y_hi = tl.zeros([row_ptr.shape[0], HALF], tl.float32)

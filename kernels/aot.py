@@ -4,7 +4,8 @@ Each wrapper below is a @triton.jit kernel whose parameters follow TensorRT's AO
 the plugin's inputs (plugins/contract.py order), then integer scalars, then outputs — and which
 calls the same kernel body as the JIT path, with every float and model constant baked in as a
 constexpr. Strides are derived from the (contiguous) shapes. One plugin, one kernel: decode runs
-unsplit (NUM_SPLITS = 1), since a split needs a second, reduce launch.
+unsplit (NUM_SPLITS = 1), since a split needs a second, reduce launch. The transforms are read as
+dense matrices (HB = 0): the plugin's inputs are not promised to be in block-Hadamard form.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from .prefill import _prefill_kernel
 def append_aot(key, value, slot_mapping, pool, k_matrix, k_bias, v_matrix, num_tokens, pool_out,
                H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr, STORAGE: tl.constexpr,
                META32: tl.constexpr, HAS_KM: tl.constexpr, HAS_KB: tl.constexpr, HAS_VM: tl.constexpr,
-               PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+               PREC: tl.constexpr, BLOCK_N: tl.constexpr, HB: tl.constexpr = 0):
     _append_kernel(pool_out, pool_out.to(tl.pointer_type(tl.bfloat16)), pool_out.to(tl.pointer_type(tl.float16)),
                    pool_out.to(tl.pointer_type(tl.float32)), key, value, slot_mapping, k_matrix, k_bias, v_matrix,
-                   num_tokens, H * D, D, H * D, D, H, D, T, R, STORAGE, META32, HAS_KM, HAS_KB, HAS_VM, PREC, BLOCK_N)
+                   num_tokens, H * D, D, H * D, D, H, D, T, R, STORAGE, META32, HAS_KM, HAS_KB, HAS_VM, PREC, BLOCK_N, HB)
 
 
 @triton.jit
@@ -49,12 +50,12 @@ def prefill_aot(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v
                 HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
                 R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, DT: tl.constexpr,
-                PREC: tl.constexpr, QK_SCALE: tl.constexpr):
+                PREC: tl.constexpr, QK_SCALE: tl.constexpr, HB: tl.constexpr = 0):
     _prefill_kernel(query, pool, pool.to(tl.pointer_type(tl.bfloat16)),
                     pool.to(tl.pointer_type(tl.float32)), block_table, seq_lens, query_start_loc, q_matrix, v_matrix,
                     out, out,
                     HQ * D, D, HQ * D, D, max_blocks, QK_SCALE, num_seqs,
-                    H, G, D, T, R, STORAGE, META32, HAS_QM, False, BLOCK_M, BLOCK_N, B_PAD, DT, PREC)
+                    H, G, D, T, R, STORAGE, META32, HAS_QM, False, BLOCK_M, BLOCK_N, B_PAD, DT, PREC, HB)
 
 
 def _inp(name, type_):
@@ -87,7 +88,7 @@ def model_kernels(head_dim: int, num_heads: int, num_kv_heads: int, tokens_per_b
                 AotParam("num_tokens", "scalar", "i32", value="key.shape[0]"),
                 AotParam("pool_out", "output", "*u8", alias="pool")],
         constexprs=dict(H=h, D=d, T=t, R=r, **fmt, HAS_KM=transformed, HAS_KB=calibrated, HAS_VM=rotate_v,
-                        PREC=APPEND_BF16_PREC if query_dtype == "bf16" else 2, BLOCK_N=64),
+                        PREC=APPEND_BF16_PREC if query_dtype == "bf16" else 2, BLOCK_N=64, HB=0),
         grid=("cdiv(key.shape[0], 64)", str(h), "1"), num_warps=4 if d <= 128 else 8)
     decode = AotKernel(
         op="decode", fn=decode_aot,
@@ -109,7 +110,7 @@ def model_kernels(head_dim: int, num_heads: int, num_kv_heads: int, tokens_per_b
                 AotParam("out", "output", act, shape=["query.shape[0]", "query.shape[1]", "query.shape[2]"])],
         constexprs=dict(HQ=num_heads, H=h, G=g, D=d, T=t, R=r, **fmt, HAS_QM=transformed, BLOCK_M=block_m,
                         BLOCK_N=block_n, B_PAD=triton.next_power_of_2(max(2, max_batch)), DT=dot, PREC=1,
-                        QK_SCALE=qk_scale),
+                        QK_SCALE=qk_scale, HB=0),
         grid=(f"cdiv(query.shape[0], {block_m}) + block_table.shape[0]", str(num_heads), "1"),
         num_warps=warps, num_stages=stages, limits={"block_table.shape[0]": triton.next_power_of_2(max(2, max_batch))})
     return [append, decode, prefill]

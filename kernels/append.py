@@ -31,12 +31,12 @@ def _div_rn_by(a, b, rcp, INTERP: tl.constexpr):
 def _append_one(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, x_ptr, stride_n, stride_h, m_ptr, m_stride_h, b_ptr, rows, rmask, blk, row, h,
                 KV: tl.constexpr, HAS_M: tl.constexpr, HAS_B: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                 T: tl.constexpr, R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, HB: tl.constexpr = 0):
     HALF: tl.constexpr = D // 2
     cols = tl.arange(0, HALF)
     xrow = x_ptr + rows.to(tl.int64) * stride_n + h * stride_h
     if HAS_M:
-        y_lo, y_hi = _transform_rows(xrow, rmask, m_ptr + h * m_stride_h, True, D, 16, PREC)
+        y_lo, y_hi = _transform_rows(xrow, rmask, m_ptr + h * m_stride_h, True, D, 16, PREC, HB)
     else:
         xb = xrow[:, None] + cols[None, :]
         y_lo = tl.load(xb, mask=rmask[:, None], other=0.0).to(tl.float32)
@@ -108,7 +108,7 @@ def _append_kernel(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, key_ptr, val_ptr, 
                    stride_kn, stride_kh, stride_vn, stride_vh,
                    H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
                    STORAGE: tl.constexpr, META32: tl.constexpr, HAS_KM: tl.constexpr, HAS_KB: tl.constexpr,
-                   HAS_VM: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HAS_VM: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, HB: tl.constexpr = 0):
     pid = tl.program_id(0)
     h = tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -117,9 +117,9 @@ def _append_kernel(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, key_ptr, val_ptr, 
     blk = slot // T
     row = slot % T
     _append_one(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, key_ptr, stride_kn, stride_kh, km_ptr, D * D, kb_ptr, rows, rmask, blk, row, h,
-                0, HAS_KM, HAS_KB, H, D, T, R, STORAGE, META32, PREC)
+                0, HAS_KM, HAS_KB, H, D, T, R, STORAGE, META32, PREC, HB)
     _append_one(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, val_ptr, stride_vn, stride_vh, vm_ptr, 0, kb_ptr, rows, rmask, blk, row, h,
-                1, HAS_VM, False, H, D, T, R, STORAGE, META32, PREC)
+                1, HAS_VM, False, H, D, T, R, STORAGE, META32, PREC, HB)
 
 
 #: Transform precision for bf16 K/V (kernels._common._mm): 4 = the matrix in two bf16 terms.
@@ -134,7 +134,8 @@ def _contig_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage: str, meta_dtype: str) -> None:
+def append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage: str, meta_dtype: str,
+           rotation_block: int = 0) -> None:
     """Same signature and effect as trtllm_sawint4.ops.reference.append."""
     from ..layout import tokens_per_block_of
 
@@ -166,5 +167,5 @@ def append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage: 
         n, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         H=h, D=d, T=t, R=pool.shape[-1], STORAGE=STORAGE_CODE[storage], META32=meta_dtype == "fp32",
         HAS_KM=k_matrix is not None, HAS_KB=k_bias is not None, HAS_VM=v_matrix is not None,
-        PREC=prec, BLOCK_N=block_n, num_warps=warps,
+        PREC=prec, BLOCK_N=block_n, HB=rotation_block, num_warps=warps,
     )

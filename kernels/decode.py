@@ -122,7 +122,10 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
                    R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
                    HAS_VM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
                    PREC: tl.constexpr, Q_CHUNK: tl.constexpr = 16):
-    """max_tokens: block-table width x T; the block-id loads do not wait for seq_len's."""
+    """max_tokens: block-table width x T; the block-id loads do not wait for seq_len's. The q matrix
+    is read dense even when declared in block-Hadamard form: on the H200 that variant was faster at 61
+    of 75 bench points without a register cap and at 12 of the 14 "tiny" points with it (session 5,
+    docs/kernels.md); only the V merge (_reduce_rotate_kernel) uses the block-Hadamard form."""
     # the V rotation is applied by the reduce kernel: the unsplit path has none
     tl.static_assert(SPLIT or not HAS_VM, "decode with v_matrix needs the split path (SPLIT=True)")
     b = tl.program_id(0)
@@ -277,7 +280,7 @@ def _reduce_kernel(po_ptr, pl_ptr, out_ptr, stride_ob, stride_oh, num_splits,
 @triton.jit
 def _reduce_rotate_kernel(po_ptr, pl_ptr, vm_ptr, out_ptr, stride_ob, stride_oh, num_splits,
                           H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                          SB: tl.constexpr, ONE_LOAD: tl.constexpr, PREC: tl.constexpr):
+                          SB: tl.constexpr, ONE_LOAD: tl.constexpr, PREC: tl.constexpr, HB: tl.constexpr = 0):
     """Merge the splits of the G query heads of one KV head, then o @ v_matrix; grid (B, Hkv).
     One program per KV head reads the [D, D] matrix once for its G rows (a program per row made
     the L2 traffic of the matrix the cost at batch 64). The row merges are unrolled: with ONE_LOAD
@@ -294,7 +297,7 @@ def _reduce_rotate_kernel(po_ptr, pl_ptr, vm_ptr, out_ptr, stride_ob, stride_oh,
         r_lo, r_hi = _merge_row(po_ptr, pl_ptr, base, num_splits, gi, GP, D, SB, ONE_LOAD)
         o_lo = tl.where(g[:, None] == gi, r_lo[None, :], o_lo)
         o_hi = tl.where(g[:, None] == gi, r_hi[None, :], o_hi)
-    o_lo, o_hi = _matmul_halves(o_lo, o_hi, vm_ptr, False, D, PREC)
+    o_lo, o_hi = _matmul_halves(o_lo, o_hi, vm_ptr, False, D, PREC, HB)
     op = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g)[:, None] * stride_oh + cols[None, :]
     tl.store(op, o_lo.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None])
     tl.store(op + HALF, o_hi.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None])
@@ -340,13 +343,17 @@ def _num_sms(device) -> int:
 #: each program's chain), "few" otherwise (the context is split), and bf16 storage. Splits
 #: (plan_splits): aim at waves x SMs programs, each with at least min_tiles_per_split tiles.
 #: "maxnreg" (a per-thread register cap; absent: the compiler's choice) trades spills for resident
-#: programs; `--only tunereg` measures it. Measured on the H200 (session 4 sweep,
-#: scripts/sweep_decode_small.py): docs/kernels.md.
+#: programs; `--only tunereg` measures it: 168 keeps 6 two-warp programs per SM where ptxas would
+#: take 211-220 registers (4 per SM): plain INT4 3-13% faster from 8k tokens (session 5).
+#: Measured on the H200: docs/kernels.md (sessions 4, 5).
 CONFIG = {
     # "many": 512 programs of 4-6 resident per SM fill 0.65 of the GPU (ncu): split long contexts in 3
-    "many": {"block_n": 64, "num_warps": 2, "num_stages": 3, "waves": 8, "min_tiles_per_split": 32, "q_chunk": 16},
-    "few": {"block_n": 64, "num_warps": 2, "num_stages": 3, "waves": 4, "min_tiles_per_split": 2, "q_chunk": 16},
-    "tiny": {"block_n": 64, "num_warps": 4, "num_stages": 3, "waves": 2, "min_tiles_per_split": 1, "q_chunk": 64},
+    "many": {"block_n": 64, "num_warps": 2, "num_stages": 3, "waves": 8, "min_tiles_per_split": 32, "q_chunk": 16,
+             "maxnreg": 168},
+    "few": {"block_n": 64, "num_warps": 2, "num_stages": 3, "waves": 4, "min_tiles_per_split": 2, "q_chunk": 16,
+            "maxnreg": 168},
+    "tiny": {"block_n": 64, "num_warps": 4, "num_stages": 3, "waves": 2, "min_tiles_per_split": 1, "q_chunk": 64,
+             "maxnreg": 168},
     # bf16: 32 KB tiles, one buffer keeps twice the programs resident
     "bf16": {"block_n": 64, "num_warps": 4, "num_stages": 2, "waves": 2, "min_tiles_per_split": 2, "q_chunk": 16},
 }
@@ -386,7 +393,7 @@ def plan_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int, num_sm
 
 
 def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float, storage: str, meta_dtype: str,
-           num_splits: int | None = None):
+           rotation_block: int = 0, num_splits: int | None = None):
     """Same signature and result as trtllm_sawint4.ops.reference.decode."""
     from ..layout import tokens_per_block_of
 
@@ -440,5 +447,5 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
         else:
             _reduce_rotate_kernel[(bsz, h)](po, pl, vm, out, out.stride(0), out.stride(1), splits,
                                             H=h, G=g, GP=gp, D=d, SB=sb, ONE_LOAD=splits <= sb, PREC=prec,
-                                            num_warps=4)
+                                            HB=rotation_block, num_warps=4)
     return out

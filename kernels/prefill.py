@@ -10,8 +10,6 @@ scores = s_t * (q . c_t) + m_t * sum(q);  P V = (P * s) @ C + P @ m.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -82,7 +80,7 @@ def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_p
                     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
                     STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr, HAS_VM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, DT: tl.constexpr,
-                    PREC: tl.constexpr):
+                    PREC: tl.constexpr, HB: tl.constexpr = 0):
     pid = tl.program_id(0)
     hq = tl.program_id(1)
     h = hq // G
@@ -110,7 +108,7 @@ def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_p
     qrow = (q_start + i).to(tl.int64)
     qr = q_ptr + qrow * stride_qn + hq * stride_qh
     if HAS_QM:
-        q_lo, q_hi = _transform_rows(qr, rmask, qm_ptr + h * D * D, True, D, 16, PREC)
+        q_lo, q_hi = _transform_rows(qr, rmask, qm_ptr + h * D * D, True, D, 16, PREC, HB)
     else:
         q_lo = tl.load(qr[:, None] + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
         q_hi = tl.load(qr[:, None] + HALF + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
@@ -155,7 +153,7 @@ def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_p
         tl.store(sr[:, None] + cols[None, :], o_lo, mask=rmask[:, None])
         tl.store(sr[:, None] + HALF + cols[None, :], o_hi, mask=rmask[:, None])
         tl.debug_barrier()
-        o_lo, o_hi = _transform_rows(sr, rmask, vm_ptr, False, D, 16, PREC)
+        o_lo, o_hi = _transform_rows(sr, rmask, vm_ptr, False, D, 16, PREC, HB)
     op = out_ptr + qrow[:, None] * stride_on + hq * stride_oh + cols[None, :]
     tl.store(op, o_lo.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
     tl.store(op + HALF, o_hi.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
@@ -168,7 +166,7 @@ CONFIG_BF16 = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 128, 8, 2), 
 
 
 def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, scale: float, storage: str,
-            meta_dtype: str):
+            meta_dtype: str, rotation_block: int = 0):
     """Same signature and result as trtllm_sawint4.ops.reference.prefill."""
     from ..layout import tokens_per_block_of
 
@@ -199,7 +197,7 @@ def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_mat
         float(scale) * LOG2E, bsz,
         H=h, G=g, D=d, T=t, R=pool.shape[-1], STORAGE=STORAGE_CODE[storage], META32=meta_dtype == "fp32",
         HAS_QM=q_matrix is not None, HAS_VM=v_matrix is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        B_PAD=max(2, triton.next_power_of_2(bsz)), DT=dt, PREC=0 if interp else 1,
+        B_PAD=max(2, triton.next_power_of_2(bsz)), DT=dt, PREC=0 if interp else 1, HB=rotation_block,
         num_warps=warps, num_stages=stages,
     )
     return out

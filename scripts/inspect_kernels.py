@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--warps", type=int)
     p.add_argument("--stages", type=int)
     p.add_argument("--q-chunk", type=int, help="decode: Q_CHUNK")
+    p.add_argument("--rotation-block", type=int, help="HB: read the matrices in block-Hadamard form")
     p.add_argument("--maxnreg", type=int, help="register cap per thread (ptxas .maxnreg)")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
@@ -55,7 +56,8 @@ def main(argv=None) -> int:
 
     kernel = dict(zip(["append", "decode", "prefill"],
                       model_kernels(args.head_dim, 32, 8, 64, args.format, False, False, "bf16", args.head_dim ** -0.5)))[args.op]
-    for name, value in (("BLOCK_M", args.block_m), ("BLOCK_N", args.block_n), ("Q_CHUNK", args.q_chunk)):
+    for name, value in (("BLOCK_M", args.block_m), ("BLOCK_N", args.block_n), ("Q_CHUNK", args.q_chunk),
+                        ("HB", args.rotation_block)):
         if value is not None and name in kernel.constexprs:
             kernel.constexprs[name] = value
     kernel.num_warps = args.warps or kernel.num_warps

@@ -57,7 +57,8 @@ def main():
             return triton.testing.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median") * 1e3
 
         sdpa = timed(lambda: F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=d ** -0.5, enable_gqa=True))
-        run = lambda: dmod.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16")  # noqa: E731
+        run = lambda: dmod.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16",  # noqa: E731
+                                  tf.rotation_block)
         times = {}
         for name, cfg in CANDIDATES.items():
             c = cfg or current(b, hkv, d, "int4", sms, ctx)

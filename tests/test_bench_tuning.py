@@ -44,13 +44,13 @@ def test_tune_decode_key_keeps_the_least_relative_value(monkeypatch):
     def fake(hq, hkv, d, b, ctx, t, rep_ms, rotated=True):
         cap = dmod.tile_config(b, hkv, d, "int4", 132, ctx).get("maxnreg")  # the config this launch would use
         calls.append((b, ctx, rotated, cap))
-        ms = {None: 1.0, 168: 0.9, 128: 1.2}[cap]
+        ms = {None: 1.0, 168: 1.1, 144: 0.9}[cap]  # the winner is not the current setting
         return ms, 1.0
 
     monkeypatch.setattr(bench, "_decode_int4_only", fake)
     try:
         rows = bench.tune_decode_regs(1.0, 64, 4.0)
-        assert all(dmod.CONFIG[name]["maxnreg"] == 168 for name in ("many", "few", "tiny"))
+        assert all(dmod.CONFIG[name]["maxnreg"] == 144 for name in ("many", "few", "tiny"))
         assert len(rows) == len(calls) == 3 * 2 * len(bench.TUNE_SHAPES)
         assert {r["format"] for r in rows} == {"saw_int4", "int4"}
     finally:

@@ -3,7 +3,7 @@ import scipy.linalg
 import torch
 
 from trtllm_sawint4 import KVCacheSpec, build_layer_transform
-from trtllm_sawint4.hadamard import random_signs, rotation_matrix, sylvester_hadamard
+from trtllm_sawint4.hadamard import block_hadamard_form, random_signs, rotation_matrix, sylvester_hadamard
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 16, 64, 128, 256])
@@ -58,3 +58,41 @@ def test_layer_transform_preserves_attention_logits_up_to_a_constant(rotate_v, c
 def test_unrotated_uncalibrated_transform_is_identity():
     tf = build_layer_transform(KVCacheSpec(64, 2, kv_format="int4"))
     assert (tf.k_matrix, tf.k_bias, tf.q_matrix, tf.v_matrix) == (None, None, None, None)
+
+
+@pytest.mark.parametrize("head_dim, block", [(64, 2), (64, 16), (64, 64), (128, 32), (128, 128), (256, 64), (256, 256)])
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_layer_transforms_are_in_block_hadamard_form(head_dim, block, calibrated):
+    """Every matrix build_layer_transform makes equals its block-Hadamard reading bit for bit, so the
+    kernels' diagonal-only path (rotation_block > 0) computes exactly the transform the spec defines."""
+    h = 2
+    spec = KVCacheSpec(head_dim, h, kv_format="saw_int4", rotation_block=block, rotate_v=True, sign_seed=5)
+    mean = torch.randn(h, head_dim) if calibrated else None
+    scale = torch.rand(h, head_dim) + 0.5 if calibrated else None
+    tf = build_layer_transform(spec, mean, scale)
+    assert tf.rotation_block == block
+    for m in (tf.k_matrix, tf.q_matrix, tf.v_matrix):
+        assert torch.equal(block_hadamard_form(m, block), m)
+
+
+def test_calibrated_unrotated_transform_is_diagonal_form():
+    h, d = 2, 64
+    tf = build_layer_transform(KVCacheSpec(d, h, kv_format="int4"), torch.randn(h, d), torch.rand(h, d) + 0.5)
+    assert tf.rotation_block == 1
+    assert torch.equal(block_hadamard_form(tf.q_matrix, 1), tf.q_matrix)
+    assert build_layer_transform(KVCacheSpec(d, h, kv_format="int4")).rotation_block == 0
+
+
+def test_block_hadamard_form_reads_only_the_first_row_of_each_block():
+    d, block = 32, 8
+    m = torch.randn(3, d, d)
+    want = block_hadamard_form(m, block)
+    first = (torch.arange(d) // block) * block
+    noisy = torch.randn(3, d, d)
+    noisy[:, first, torch.arange(d)] = m[:, first, torch.arange(d)]
+    assert torch.equal(block_hadamard_form(noisy, block), want)
+    signs = torch.tensor(scipy.linalg.hadamard(block), dtype=torch.float32)
+    torch.testing.assert_close(want[1, :block, :block], signs * m[1, 0, :block][None, :])
+    assert torch.count_nonzero(want[:, :block, block:]) == 0  # off-diagonal blocks
+    with pytest.raises(ValueError, match="rotation_block"):
+        block_hadamard_form(m, 3)

@@ -287,6 +287,49 @@ def test_append_then_attend_roundtrip(K):
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("d,block,calibrated", [
+    (64, 16, True),    # blocks inside each half
+    (128, 128, False),  # one block couples the halves
+    (32, 32, True),
+    (64, 1, True),     # calibrated, unrotated: diagonal matrices (int4 storage, no V transform)
+])
+def test_block_hadamard_path(K, d, block, calibrated):
+    """rotation_block > 0: the kernels make the +-1 Sylvester blocks from indices and read only the
+    diagonal factor of each matrix (append; prefill; decode's V merge), against the reference."""
+    torch.manual_seed(8)
+    h, t, nb, n = 2, 16, 7, 45
+    if block == 1:
+        spec = KVCacheSpec(d, h, t, kv_format="int4")
+    else:
+        spec = KVCacheSpec(d, h, t, kv_format="saw_int4", rotation_block=block, rotate_v=True, sign_seed=2)
+    tf = _transform(spec, calibrated)
+    assert tf.rotation_block == block
+    km, qm, vm = tf.k_matrix, tf.q_matrix, tf.v_matrix
+    r = tf.rotation_block
+    key, val = (torch.randn(n, h, d) * 2).bfloat16(), torch.randn(n, h, d).bfloat16()
+    slots = torch.randperm(nb * t)[:n]
+    p_ref = torch.zeros(spec.pool_shape(nb), dtype=torch.uint8)
+    p_ker = p_ref.clone()
+    ref.append(p_ref, key, val, slots, km, tf.k_bias, vm, "int4", "fp16", r)
+    K["append"].append(p_ker, key, val, slots, km, tf.k_bias, vm, "int4", "fp16", r)
+    vr, vk = pool_views(p_ref, d, "int4", "fp16"), pool_views(p_ker, d, "int4", "fp16")
+    cr, ck = unpack_int4(vr.codes).int(), unpack_int4(vk.codes).int()
+    assert (cr - ck).abs().max() <= 1 and (cr != ck).float().mean() < 0.01
+    torch.testing.assert_close(vr.scale.float(), vk.scale.float(), rtol=2e-3, atol=0)
+    lens = [37, 60]
+    table = _block_table(lens, t, nb)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(2, h * 3, d).bfloat16()
+    want = ref.decode(q, p_ref, table, sl, qm, vm, d ** -0.5, "int4", "fp16", r)
+    got = K["decode"].decode(q, p_ref, table, sl, qm, vm, d ** -0.5, "int4", "fp16", r, num_splits=3)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    qsl = torch.tensor([0, 10, 30], dtype=torch.int32)
+    qp = torch.randn(30, h * 3, d).bfloat16()
+    want = ref.prefill(qp, p_ref, table, sl, qsl, qm, vm, d ** -0.5, "int4", "fp16", r)
+    got = K["prefill"].prefill(qp, p_ref, table, sl, qsl, qm, vm, d ** -0.5, "int4", "fp16", r)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("fmt,meta,d,t,lens", [
     ("saw_int4", "fp16", 64, 16, [1, 70, 33]),
     ("int4", "fp32", 32, 8, [50, 9]),

@@ -131,3 +131,32 @@ def test_opcheck_and_compile():
                                                None, None, "int4", "fp16"))
     compiled = torch.compile(lambda *a: ops.decode(*a) * 2, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(*args), ops.decode(*args) * 2)
+
+
+def test_rotation_block_declares_the_block_hadamard_form():
+    """rotation_block > 0 leaves the result of a layer transform unchanged, and a matrix that is not
+    in the declared form is rejected (naming it) before anything is written."""
+    spec, tf, pool, table, ks, vs = _setup("saw_int4_v_signs", 64, 2, 2, [30, 12], calibrated=True)
+    r = tf.rotation_block
+    q = torch.randn(2, 4, 64)
+    lens = torch.tensor([30, 12], dtype=torch.int32)
+    dense = ops.decode(q, pool, table, lens, tf.q_matrix, tf.v_matrix, 0.2, "int4", "fp16")
+    torch.testing.assert_close(ops.decode(q, pool, table, lens, tf.q_matrix, tf.v_matrix, 0.2, "int4", "fp16", r),
+                               dense, atol=0, rtol=0)
+    garbled = tf.q_matrix.clone()
+    garbled[0, 1, 0] += 0.5  # not the first row of its block
+    with pytest.raises(ValueError, match="q_matrix"):
+        ops.decode(q, pool, table, lens, garbled, tf.v_matrix, 0.2, "int4", "fp16", r)
+    with pytest.raises(ValueError, match="v_matrix"):
+        ops.prefill(q, pool, table, lens, torch.tensor([0, 1, 2], dtype=torch.int32), tf.q_matrix,
+                    tf.v_matrix.T.contiguous() + 1, 0.2, "int4", "fp16", r)
+    key, value = torch.randn(3, 2, 64), torch.randn(3, 2, 64)
+    p1, p2 = pool.clone(), pool.clone()
+    ops.append(p1, key, value, torch.tensor([90, 91, 92]), tf.k_matrix, tf.k_bias, tf.v_matrix, "int4", "fp16")
+    ops.append(p2, key, value, torch.tensor([90, 91, 92]), tf.k_matrix, tf.k_bias, tf.v_matrix, "int4", "fp16", r)
+    assert torch.equal(p1, p2)
+    with pytest.raises(ValueError, match="k_matrix"):
+        ops.append(p2, key, value, torch.tensor([93, 94, 95]), torch.randn_like(tf.k_matrix), tf.k_bias,
+                   tf.v_matrix, "int4", "fp16", r)
+    assert torch.equal(p1, p2)
+    torch.library.opcheck(ops.decode.default, (q, pool, table, lens, tf.q_matrix, tf.v_matrix, 0.2, "int4", "fp16", r))

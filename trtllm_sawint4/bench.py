@@ -179,7 +179,7 @@ def bench_decode_point(hq, hkv, d, batch, ctx, t, rep_ms, peak_tbps, mem_limit_g
     del sets
     torch.cuda.empty_cache()
 
-    def paged(spec, make_pool, q_matrix, storage, nbytes):
+    def paged(spec, make_pool, q_matrix, storage, nbytes, rotation_block=0):
         def make():
             pool = make_pool(spec, nb, dev)
             table = torch.randperm(nb, device=dev, dtype=torch.int64).to(torch.int32).view(batch, nblk_seq)
@@ -189,7 +189,7 @@ def bench_decode_point(hq, hkv, d, batch, ctx, t, rep_ms, peak_tbps, mem_limit_g
 
         def run():
             q, pool, table = s.next()
-            return kernels.decode(q, pool, table, seq_lens, q_matrix, None, scale, storage, "fp16")
+            return kernels.decode(q, pool, table, seq_lens, q_matrix, None, scale, storage, "fp16", rotation_block)
 
         ms = _bench(run, rep_ms, graph=True)
         del s
@@ -198,7 +198,7 @@ def bench_decode_point(hq, hkv, d, batch, ctx, t, rep_ms, peak_tbps, mem_limit_g
 
     row["bf16_paged_ms"] = paged(spec16, _bf16_pool, None, "bf16", bytes16)
     row["int4_ms"] = paged(spec4, _quant_pool, None, "int4", bytes4)
-    row["saw_int4_ms"] = paged(spec4, _quant_pool, tf.q_matrix, "int4", bytes4)
+    row["saw_int4_ms"] = paged(spec4, _quant_pool, tf.q_matrix, "int4", bytes4, tf.rotation_block)
     row["saw_int4_tbps"] = bytes4 / row["saw_int4_ms"] / 1e9
     row["saw_int4_frac_bw"] = row["saw_int4_tbps"] / peak_tbps
     row["bf16_paged_tbps"] = bytes16 / row["bf16_paged_ms"] / 1e9
@@ -237,7 +237,8 @@ def bench_append(rep_ms, t):
 
             def run():
                 k, v, pool, slots = s.next()
-                kernels.append(pool, k, v, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage, "fp16")
+                kernels.append(pool, k, v, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage, "fp16",
+                               tf.rotation_block)
 
             ms = _bench(run, rep_ms, graph=True)
             row[f"{fmt}_us"] = ms * 1e3
@@ -307,7 +308,7 @@ def bench_prefill(rep_ms, t, mem_limit_gb):
                 qsl = torch.tensor([0, chunk], dtype=torch.int32, device=dev)
                 qq = q[0].transpose(0, 1).contiguous()
                 ms = _bench(lambda: kernels.prefill(qq, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale,
-                                                    spec.storage, "fp16"), rep_ms)
+                                                    spec.storage, "fp16", tf.rotation_block), rep_ms)
                 row[f"{fmt}_ms"] = ms
                 row[f"{fmt}_tflops"] = flops / ms / 1e9
                 row[f"{fmt}_x_vs_sdpa"] = row["sdpa_ms"] / ms
@@ -366,7 +367,7 @@ def tune_decode(rep_ms, t, peak):
 TUNE_SHAPES = [(32, 8, 128, 64, 2048), (32, 8, 128, 64, 8192), (32, 8, 128, 64, 32768), (32, 8, 128, 128, 8192),
                (32, 8, 128, 8, 32768), (32, 8, 128, 32, 8192), (32, 8, 128, 1, 32768), (9, 3, 64, 64, 8192),
                (32, 8, 128, 1, 2048), (32, 8, 128, 8, 1024), (9, 3, 64, 8, 2048)]
-TUNE_DECODE_MAXNREG = (None, 168, 128)  # register caps per thread (None: the compiler's choice)
+TUNE_DECODE_MAXNREG = (None, 168, 144)  # register caps per thread (None: the compiler's choice)
 
 
 def _shapes_by_regime(dmod, sms):
@@ -455,7 +456,7 @@ def tune_append(rep_ms, t):
         for cfg in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8)):
             amod.CONFIG[key] = cfg
             ms = _bench(lambda: kernels.append(pool, k, v, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage,
-                                               "fp16"), rep_ms, graph=True)
+                                               "fp16", tf.rotation_block), rep_ms, graph=True)
             tbps = (2 * n * h * d * 2 + n * spec.bytes_per_token) / ms / 1e9
             rows.append({"format": fmt, "block_n": cfg[0], "warps": cfg[1], "us": ms * 1e3, "tbps": tbps})
             print(f"tune append {fmt} bn={cfg[0]} w={cfg[1]}: {ms * 1e3:.1f} us {tbps:.2f} TB/s", flush=True)
@@ -498,7 +499,7 @@ def tune_prefill(rep_ms, t):
             table_cfg[d] = (bm, bn, warps, stages)
             try:
                 ms = _bench(lambda: kernels.prefill(q, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, d ** -0.5,
-                                                    spec.storage, "fp16"), rep_ms)
+                                                    spec.storage, "fp16", tf.rotation_block), rep_ms)
             except Exception as e:  # out of shared memory etc.
                 print(f"tune prefill {fmt} {bm}/{bn}/{warps}/{stages}: failed {str(e)[:60]}")
                 continue
@@ -529,7 +530,8 @@ def _decode_int4_only(hq, hkv, d, batch, ctx, t, rep_ms, rotated=True):
 
     def run():
         pool, table = sets.next()
-        return kernels.decode(q, pool, table, sl, tf.q_matrix if rotated else None, None, d ** -0.5, "int4", "fp16")
+        return kernels.decode(q, pool, table, sl, tf.q_matrix if rotated else None, None, d ** -0.5, "int4", "fp16",
+                              tf.rotation_block)
 
     ms = _bench(run, rep_ms, graph=True)
     return ms, nbytes / ms / 1e9

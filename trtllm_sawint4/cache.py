@@ -116,9 +116,10 @@ class PagedKVCache:
         """Write this step's new tokens (key/value [num_new_tokens, num_kv_heads, head_dim])."""
         pool, tf = self.pools[layer], self.transforms[layer]
         storage, meta = self.spec.storage, self.spec.metadata_dtype
-        checks.check_append(pool, key, value, plan.slot_mapping, tf.k_matrix, tf.k_bias, tf.v_matrix, storage, meta)
+        checks.check_append(pool, key, value, plan.slot_mapping, tf.k_matrix, tf.k_bias, tf.v_matrix, storage, meta,
+                            tf.rotation_block)
         implementation("append", pool)(pool, key, value, plan.slot_mapping, tf.k_matrix, tf.k_bias, tf.v_matrix,
-                                       storage, meta)
+                                       storage, meta, tf.rotation_block)
 
     def attend(self, layer: int, plan: StepPlan, query: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of this step's queries ([num_new_tokens, num_heads, head_dim]) over the cache."""
@@ -126,10 +127,10 @@ class PagedKVCache:
         storage, meta = self.spec.storage, self.spec.metadata_dtype
         if plan.is_decode:
             checks.check_attention(query, pool, plan.block_table, plan.seq_lens, None, tf.q_matrix, tf.v_matrix,
-                                   scale, storage, meta)
+                                   scale, storage, meta, tf.rotation_block)
             return implementation("decode", pool)(query, pool, plan.block_table, plan.seq_lens, tf.q_matrix,
-                                                  tf.v_matrix, scale, storage, meta)
+                                                  tf.v_matrix, scale, storage, meta, tf.rotation_block)
         checks.check_attention(query, pool, plan.block_table, plan.seq_lens, plan.query_start_loc, tf.q_matrix,
-                               tf.v_matrix, scale, storage, meta)
+                               tf.v_matrix, scale, storage, meta, tf.rotation_block)
         return implementation("prefill", pool)(query, pool, plan.block_table, plan.seq_lens, plan.query_start_loc,
-                                               tf.q_matrix, tf.v_matrix, scale, storage, meta)
+                                               tf.q_matrix, tf.v_matrix, scale, storage, meta, tf.rotation_block)

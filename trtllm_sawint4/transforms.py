@@ -32,10 +32,14 @@ class LayerTransform:
     k_bias: torch.Tensor | None  # [Hkv, D]
     q_matrix: torch.Tensor | None  # [Hkv, D, D]
     v_matrix: torch.Tensor | None  # [D, D]
+    #: > 0: every matrix is in block-Hadamard form with this block (hadamard.block_hadamard_form),
+    #: which lets the kernels read only its diagonal factor; 0: dense matrices.
+    rotation_block: int = 0
 
     def to(self, device: torch.device | str) -> "LayerTransform":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return LayerTransform(move(self.k_matrix), move(self.k_bias), move(self.q_matrix), move(self.v_matrix))
+        return LayerTransform(move(self.k_matrix), move(self.k_bias), move(self.q_matrix), move(self.v_matrix),
+                              self.rotation_block)
 
 
 def build_layer_transform(
@@ -68,4 +72,6 @@ def build_layer_transform(
     k_bias = -torch.einsum("hij,hj->hi", k_matrix, mean) if channel_mean is not None else None
     q_matrix = rot[None] * scale[:, None, :]  # R @ diag(s)
     v_matrix = rot.clone() if spec.rotate_v else None
-    return LayerTransform(k_matrix.contiguous(), k_bias, q_matrix.contiguous(), v_matrix)
+    # R diag(c) = S diag(c / sqrt(block)) with S the +-1 Sylvester blocks; identity R: blocks of 1
+    block = spec.rotation_block if spec.rotated else 1
+    return LayerTransform(k_matrix.contiguous(), k_bias, q_matrix.contiguous(), v_matrix, block)

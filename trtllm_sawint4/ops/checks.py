@@ -64,7 +64,11 @@ def check_pool(pool: torch.Tensor, head_dim: int, storage: str, meta_dtype: str)
 
 
 def check_transforms(pool, num_kv_heads, head_dim, storage, *, k_matrix=None, k_bias=None, q_matrix=None,
-                     v_matrix=None):
+                     v_matrix=None, rotation_block=0):
+    if not isinstance(rotation_block, int) or isinstance(rotation_block, bool) or rotation_block < 0 or (
+            rotation_block and (rotation_block & (rotation_block - 1) or head_dim % rotation_block)):
+        _fail("rotation_block", f"must be 0 (dense matrices) or a power of 2 dividing head_dim={head_dim}, "
+                                f"got {rotation_block!r}")
     given = {"k_matrix": k_matrix, "k_bias": k_bias, "q_matrix": q_matrix, "v_matrix": v_matrix}
     shapes = {"k_matrix": (num_kv_heads, head_dim, head_dim), "k_bias": (num_kv_heads, head_dim),
               "q_matrix": (num_kv_heads, head_dim, head_dim), "v_matrix": (head_dim, head_dim)}
@@ -78,7 +82,8 @@ def check_transforms(pool, num_kv_heads, head_dim, storage, *, k_matrix=None, k_
         _device(name, t, pool.device)
 
 
-def check_append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage, meta_dtype) -> int:
+def check_append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage, meta_dtype,
+                 rotation_block=0) -> int:
     if key.dim() != 3:
         _fail("key", f"must be [num_tokens, num_kv_heads, head_dim], got {list(key.shape)}")
     n, h, d = key.shape
@@ -93,12 +98,13 @@ def check_append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, sto
     for name, x in (("key", key), ("value", value), ("slot_mapping", slot_mapping)):
         _device(name, x, pool.device)
     _contiguous("slot_mapping", slot_mapping)
-    check_transforms(pool, h, d, storage, k_matrix=k_matrix, k_bias=k_bias, v_matrix=v_matrix)
+    check_transforms(pool, h, d, storage, k_matrix=k_matrix, k_bias=k_bias, v_matrix=v_matrix,
+                     rotation_block=rotation_block)
     return t
 
 
 def check_attention(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, scale, storage,
-                    meta_dtype) -> int:
+                    meta_dtype, rotation_block=0) -> int:
     if query.dim() != 3:
         _fail("query", f"must be [num_queries, num_heads, head_dim], got {list(query.shape)}")
     _, hq, d = query.shape
@@ -126,12 +132,27 @@ def check_attention(query, pool, block_table, seq_lens, query_start_loc, q_matri
             _contiguous(name, x)
     if not (isinstance(scale, float) and scale > 0 and scale != float("inf")):
         _fail("scale", f"must be a positive finite float, got {scale!r}")
-    check_transforms(pool, h, d, storage, q_matrix=q_matrix, v_matrix=v_matrix)
+    check_transforms(pool, h, d, storage, q_matrix=q_matrix, v_matrix=v_matrix, rotation_block=rotation_block)
     return t
 
 
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_rotation_form(rotation_block: int, **matrices) -> None:
+    """rotation_block > 0 declares every given matrix in block-Hadamard form (the kernels may then read
+    only its diagonal factor); check that the declaration holds. Reads the matrices (a device sync on
+    GPU), so it is skipped while a CUDA graph is being captured, like the index checks."""
+    from ..hadamard import block_hadamard_form
+
+    if not rotation_block or _capturing():
+        return
+    for name, m in matrices.items():
+        if m is not None and not torch.equal(block_hadamard_form(m, rotation_block), m):
+            _fail(name, f"is not in the block-Hadamard form that rotation_block={rotation_block} declares "
+                        f"(M[i, j] = S[i, j] * M[(j // r) * r, j], hadamard.block_hadamard_form); "
+                        f"pass rotation_block=0 for a dense matrix")
 
 
 def check_append_indices(pool, slot_mapping, tokens_per_block: int) -> None:

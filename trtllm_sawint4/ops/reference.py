@@ -15,6 +15,9 @@ Token p of sequence b lives in block block_table[b, p // T], row p % T. Query he
 head i // (Hq // H). A sequence with no tokens gives a zero output. A non-finite stored vector
 (see quant.py) makes the output nan for exactly the queries that can see its position. Everything is computed in
 float32; the output has the query's dtype. Transforms are those of `transforms.LayerTransform`.
+rotation_block > 0 declares every matrix in block-Hadamard form (hadamard.block_hadamard_form;
+the public ops check it): the kernels may then read only each matrix's diagonal factor, and make
+the +-1 blocks from indices. The reference always uses the matrices as given.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def _transform(x: torch.Tensor, matrix: torch.Tensor | None, bias: torch.Tensor 
     return x
 
 
-def append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage: str, meta_dtype: str) -> None:
+def append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage: str, meta_dtype: str,
+           rotation_block: int = 0) -> None:
     views = pool_views(pool, key.shape[-1], storage, meta_dtype)
     t = views.tokens_per_block
     block, row = slot_mapping.long() // t, slot_mapping.long() % t
@@ -91,7 +95,7 @@ def _attend(q, k, v, positions, scale, q_matrix, v_matrix):
 
 
 def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, scale: float,
-            storage: str, meta_dtype: str):
+            storage: str, meta_dtype: str, rotation_block: int = 0):
     out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
     starts = query_start_loc.tolist()
     for b, length in enumerate(seq_lens.tolist()):
@@ -104,7 +108,9 @@ def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_mat
     return out.to(query.dtype)
 
 
-def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float, storage: str, meta_dtype: str):
+def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float, storage: str, meta_dtype: str,
+           rotation_block: int = 0):
     """`prefill` with one query per sequence."""
     starts = torch.arange(query.shape[0] + 1, dtype=torch.int32, device=query.device)
-    return prefill(query, pool, block_table, seq_lens, starts, q_matrix, v_matrix, scale, storage, meta_dtype)
+    return prefill(query, pool, block_table, seq_lens, starts, q_matrix, v_matrix, scale, storage, meta_dtype,
+                   rotation_block)

@@ -6,7 +6,9 @@ Conventions shared by every kernel:
     other storages use the same halves so that one code path serves all three.
   * Pool addressing is in bytes on the uint8 pool: region(block, kv, head) starts at
     ((block * 2 + kv) * H + head) * R; codes, then T scales, then T mins (layout.py).
-  * Transforms are fp32 [D, D] matrices applied as four [D/2, D/2] blocks.
+  * Transforms are fp32 [D, D] matrices applied as four [D/2, D/2] blocks, or, when declared in
+    block-Hadamard form (HB > 0, the ops' rotation_block), as their diagonal factor times +-1
+    Sylvester blocks made from indices.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def _matmul_halves(x_lo, x_hi, m_ptr, TRANS: tl.constexpr, D: tl.constexpr, PREC
                    HB: tl.constexpr = 0):
     """(x @ B) in halves for x = [x_lo | x_hi] ([M, D/2] fp32 each), B = M^T if TRANS else M,
     M an fp32 row-major [D, D] matrix at m_ptr (HB > 0: M in block-Hadamard form, see
-    _block_hadamard_form; only its diagonal factor is read)."""
+    hadamard.block_hadamard_form; only its diagonal factor is read)."""
     HALF: tl.constexpr = D // 2
     if HB > 0:
         cols = tl.arange(0, HALF)
@@ -173,9 +175,9 @@ def _mm_pm1(x, s, acc, PREC: tl.constexpr):
 @triton.jit
 def _sylvester_halves(x_lo, x_hi, y_lo, y_hi, j0, KC: tl.constexpr, HALF: tl.constexpr, HB: tl.constexpr,
                       PREC: tl.constexpr):
-    """(y_lo, y_hi) + the contribution of channels j0..j0+KC of each half (x_lo, x_hi: [M, KC] fp32) to x @ S_blk, S_blk =
-    blockdiag(S_HB) of size D = 2 * HALF, in halves [M, HALF]. One [KC, HALF] tile serves both halves:
-    HB <= HALF keeps the halves apart; HB = D couples them as S_D = [[S_h, S_h], [S_h, -S_h]]."""
+    """(y_lo, y_hi) + what channels j0..j0+KC of each half (x_lo, x_hi: [M, KC] fp32) add to x @ S_blk,
+    S_blk = blockdiag(S_HB) of size D = 2 * HALF, in halves [M, HALF]. One [KC, HALF] tile serves both
+    halves: HB <= HALF keeps them apart; HB = D couples them as S_D = [[S_h, S_h], [S_h, -S_h]]."""
     s = _sylvester_tile(j0, KC, HALF, HB, tl.float32 if PREC == 0 else tl.bfloat16)
     if HB > HALF:
         a = x_lo + x_hi
@@ -194,7 +196,9 @@ def _hadamard_rows(row_ptr, rmask, m_ptr, TRANS: tl.constexpr, D: tl.constexpr, 
     if HB == 1:  # diagonal M
         y_lo = tl.load(row_ptr[:, None] + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
         y_hi = tl.load(row_ptr[:, None] + HALF + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-        return y_lo * _hadamard_diag(m_ptr, cols, D, HB)[None, :], y_hi * _hadamard_diag(m_ptr, HALF + cols, D, HB)[None, :]
+        d_lo = _hadamard_diag(m_ptr, cols, D, HB)
+        d_hi = _hadamard_diag(m_ptr, HALF + cols, D, HB)
+        return y_lo * d_lo[None, :], y_hi * d_hi[None, :]
     y_lo = tl.zeros([row_ptr.shape[0], HALF], tl.float32)
     y_hi = tl.zeros([row_ptr.shape[0], HALF], tl.float32)
     for j0 in range(0, HALF, KC):
@@ -217,7 +221,7 @@ def _transform_rows(row_ptr, rmask, m_ptr, TRANS: tl.constexpr, D: tl.constexpr,
     """Rows x ([M] pointers to D contiguous values in global memory) times B (B = M^T if TRANS else M,
     M fp32 row-major [D, D]), returned in halves [M, D/2] fp32. Chunked over the reduction (KC at a
     time, a loop, not unrolled) so that few registers are live. HB > 0: M is in block-Hadamard form
-    (_block_hadamard_form) and only its D diagonal factors are read: no [D, D] matrix traffic."""
+    (hadamard.block_hadamard_form) and only its D diagonal factors are read: no [D, D] matrix traffic."""
     HALF: tl.constexpr = D // 2
     if HB > 0:
         return _hadamard_rows(row_ptr, rmask, m_ptr, TRANS, D, KC, PREC, HB)

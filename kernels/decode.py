@@ -361,6 +361,16 @@ CONFIG = {
 #: Largest batch x KV heads x max_tokens of the "tiny" regime (1 x 8k or 8 x 1k at 8 KV heads).
 TINY_TOKEN_HEADS = 65536
 
+#: Largest head_dim the "maxnreg" caps apply to: they were measured at 64 and 128; at 256 the 2-warp
+#: tiles need all 255 registers, and a cap of 168 spills 512 bytes per thread (compiled for sm_90,
+#: scripts/inspect_kernels.py; tests/test_kernel_pipelining.py keeps the launched configs spill-free).
+MAXNREG_MAX_HEAD_DIM = 128
+
+
+def launch_maxnreg(cfg: dict, head_dim: int) -> int | None:
+    """The register cap a decode launch with tile config `cfg` uses at this head_dim (None: ptxas's choice)."""
+    return cfg.get("maxnreg") if head_dim <= MAXNREG_MAX_HEAD_DIM else None
+
 
 def tile_config(batch: int, kv_heads: int, head_dim: int, storage: str, num_sms: int,
                 max_tokens: int | None = None) -> dict:
@@ -437,7 +447,7 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
         H=h, G=g, GP=gp, D=d, T=t, R=pool.shape[-1], STORAGE=STORAGE_CODE[storage], META32=meta_dtype == "fp32",
         HAS_QM=q_matrix is not None, HAS_VM=v_matrix is not None, SPLIT=splits > 1, BLOCK_N=block_n,
         DT=dt, PREC=prec, Q_CHUNK=16 if interp else min(d, cfg.get("q_chunk", 16)),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg.get("maxnreg"),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=launch_maxnreg(cfg, d),
     )
     if splits > 1:
         sb = max(2, min(triton.next_power_of_2(splits), REDUCE_TILE_ELEMS // d))

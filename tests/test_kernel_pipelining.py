@@ -30,3 +30,24 @@ def test_int4_tiles_are_double_buffered_and_metadata_async(op, extra):
     # inside the loops only the block id of the next tile is loaded synchronously (one per loop)
     sync = int(report.split("synchronous loads inside loops:")[1].split()[0])
     assert sync <= (1 if op == "decode" else 2), report
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("regime", ["many", "few", "tiny"])
+def test_decode_launch_configs_do_not_spill(regime, head_dim):
+    """Each INT4 decode tile config, with the register cap it is launched with at this head_dim,
+    compiles without spilling more than a few words: a cap of 168 at head_dim 256 spilled 512 bytes
+    per thread (hence kernels.decode.MAXNREG_MAX_HEAD_DIM)."""
+    import importlib
+
+    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
+    cfg = dmod.CONFIG[regime]
+    args = ["decode", "--format", "saw_int4", "--head-dim", str(head_dim), "--block-n", str(cfg["block_n"]),
+            "--warps", str(cfg["num_warps"]), "--stages", str(cfg["num_stages"]),
+            "--q-chunk", str(min(head_dim, cfg["q_chunk"]))]
+    cap = dmod.launch_maxnreg(cfg, head_dim)
+    if cap is not None:
+        args += ["--maxnreg", str(cap)]
+    usage = _inspect(*args).splitlines()[1]
+    stack = int(usage.split("STACK:")[1].split()[0])
+    assert stack <= 64, usage

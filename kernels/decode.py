@@ -17,101 +17,41 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import STORAGE_CODE, _matmul_halves, _nan_rows_with_nonfinite, _transform_rows, _unpack_int4_magic
+from ._common import STORAGE_CODE, _matmul_halves, _nan_rows_with_nonfinite, _transform_rows
+from ._tiles import (_code_offset, _code_values, _kv_meta_values, _load_codes, _load_kv_meta, _load_kv_tile, _opaque,
+                     _tile_block_ids, _tile_rows)
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _code_offset(STORAGE: tl.constexpr, DT: tl.constexpr):
-    """The constant that _load_kv_tile's codes carry (128 or 1024 for INT4 in bf16/fp16, else 0)."""
-    if STORAGE == 2 and DT == tl.bfloat16:
-        return 128.0
-    elif STORAGE == 2 and DT == tl.float16:
-        return 1024.0
+def _attend_tile(q_lo, q_hi, qsum, k_lo, k_hi, ks, km, v_lo, v_hi, vs, vmn, tmask, m_i, l_i, acc_lo, acc_hi,
+                 STORAGE: tl.constexpr, DT: tl.constexpr):
+    """One tile of the online softmax: the updated (m_i, l_i, acc_lo, acc_hi)."""
+    off = _code_offset(STORAGE, DT)
+    s = tl.dot(q_lo, tl.trans(k_lo))
+    s = tl.dot(q_hi, tl.trans(k_hi), s)
+    if STORAGE != 0:
+        # q.(c + off) * s + (m - off * s) * sum(q): q is rounded once, so off cancels exactly
+        s = s * ks[None, :] + qsum[:, None] * (km - off * ks)[None, :]
+    s = tl.where(tmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if STORAGE != 0:
+        pd = (p * vs[None, :]).to(DT)
+        # (p*s rounded) @ (c + off) - off * sum(p*s rounded) + p . m
+        pm = tl.sum(p * vmn[None, :] - off * pd.to(tl.float32), 1)
+        acc_lo = acc_lo * alpha[:, None] + pm[:, None]
+        acc_hi = acc_hi * alpha[:, None] + pm[:, None]
     else:
-        return 0.0
-
-
-@triton.jit
-def _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, base, row, tmask, H: tl.constexpr, D: tl.constexpr,
-                  T: tl.constexpr, R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, DT: tl.constexpr,
-                  ASM: tl.constexpr = True):
-    """One K or V tile of BLOCK_N tokens (region byte offsets `base`, rows `row`).
-
-    Returns the halves [BLOCK_N, D/2] in DT and per-token (scale, min) [BLOCK_N] fp32. INT4 codes
-    come out as bf16 128 + c (fp16: 1024 + c; see _code_offset) made by bit operations alone (no
-    int->float conversion instructions, which run at a quarter of the ALU rate)."""
-    HALF: tl.constexpr = D // 2
-    cols = tl.arange(0, HALF)
-    if STORAGE == 0:
-        # element (not byte) offsets from one scalar cast of the pool pointer
-        p = poolb_ptr + (base // 2 + row * D)[:, None] + cols[None, :]
-        lo = tl.load(p, mask=tmask[:, None], other=0.0).to(DT)
-        hi = tl.load(p + HALF, mask=tmask[:, None], other=0.0).to(DT)
-        s = tl.zeros(row.shape, tl.float32)
-        m = s
-    else:
-        if STORAGE == 2:
-            CB: tl.constexpr = D // 2
-            c = tl.load(pool_ptr + (base + row * CB)[:, None] + cols[None, :], mask=tmask[:, None], other=0)
-            if (DT == tl.bfloat16 or DT == tl.float16) and ASM:
-                lo, hi = _unpack_int4_magic(c, DT == tl.float16)
-            elif DT == tl.bfloat16 or DT == tl.float16:  # same values by plain bit operations (interpreter)
-                magic: tl.constexpr = 0x6400 if DT == tl.float16 else 0x4300
-                lo = ((c & 15).to(tl.int16) | magic).to(DT, bitcast=True)
-                hi = ((c >> 4).to(tl.int16) | magic).to(DT, bitcast=True)
-            else:
-                lo = (c & 15).to(DT)
-                hi = (c >> 4).to(DT)
-        else:
-            CB: tl.constexpr = D
-            cp = pool_ptr + (base + row * CB)[:, None] + cols[None, :]
-            lo = tl.load(cp, mask=tmask[:, None], other=0).to(DT)
-            hi = tl.load(cp + HALF, mask=tmask[:, None], other=0).to(DT)
-        s, m = _load_meta(poolf_ptr, base + T * CB, row, tmask, T, META32)
-    return lo, hi, s, m
-
-
-@triton.jit
-def _load_meta(poolf_ptr, mbase, row, tmask, T: tl.constexpr, META32: tl.constexpr):
-    """Per-token (scale, min) as fp32 (0 for masked tokens); metadata starts at byte `mbase`.
-
-    fp16 metadata is read as the 32-bit word holding the token's pair: Triton only pipelines
-    (cp.async) loads of at least 4 bytes per thread, and a synchronous 2-byte load in the loop
-    exposes a full DRAM latency every tile."""
-    two = tl.arange(0, 2)[None, :]  # scale and min in one load: fewer loads for the pipeliner to track
-    if META32:
-        x = tl.load(poolf_ptr + (mbase // 4 + row)[:, None] + two * T, mask=tmask[:, None], other=0.0)
-        s, m = tl.split(x)
-    else:
-        x = tl.load(poolf_ptr + (mbase // 4 + row // 2)[:, None] + two * (T // 2), mask=tmask[:, None],
-                    other=0.0).to(tl.int32, bitcast=True)
-        sw, mw = tl.split(x)
-        sh = (row & 1) * 16
-        s = ((sw >> sh) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        m = ((mw >> sh) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return s, m
-
-
-@triton.jit
-def _tile_block_ids(bt_row, n0, limit, BLOCK_N: tl.constexpr, T: tl.constexpr):
-    """Block ids of the tile of tokens [n0, n0 + BLOCK_N) (0 at and past `limit`): one id when the
-    tile lies in one block (BLOCK_N <= T), else one per token."""
-    if BLOCK_N <= T:
-        return tl.load(bt_row + n0 // T, mask=n0 < limit, other=0)
-    else:
-        tok = n0 + tl.arange(0, BLOCK_N)
-        return tl.load(bt_row + tok // T, mask=tok < limit, other=0)
-
-
-@triton.jit
-def _tile_rows(n0, BLOCK_N: tl.constexpr, T: tl.constexpr):
-    """Row (token slot within its block) of each token of the tile starting at token n0."""
-    if BLOCK_N <= T:  # n0 is a multiple of BLOCK_N: one contiguous run of rows
-        return n0 % T + tl.arange(0, BLOCK_N)
-    else:
-        return (n0 + tl.arange(0, BLOCK_N)) % T
+        pd = p.to(DT)
+        acc_lo = acc_lo * alpha[:, None]
+        acc_hi = acc_hi * alpha[:, None]
+    acc_lo = tl.dot(pd, v_lo, acc_lo)
+    acc_hi = tl.dot(pd, v_hi, acc_hi)
+    return m_new, l_i, acc_lo, acc_hi
 
 
 @triton.jit
@@ -121,11 +61,13 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
                    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
                    R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
                    HAS_VM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
-                   PREC: tl.constexpr, Q_CHUNK: tl.constexpr = 16):
+                   PREC: tl.constexpr, Q_CHUNK: tl.constexpr = 16, ONE_TILE: tl.constexpr = False):
     """max_tokens: block-table width x T; the block-id loads do not wait for seq_len's. The q matrix
-    is read dense even when declared in block-Hadamard form: on the H200 that variant was faster at 61
-    of 75 bench points without a register cap and at 12 of the 14 "tiny" points with it (session 5,
-    docs/kernels.md); only the V merge (_reduce_rotate_kernel) uses the block-Hadamard form."""
+    is read dense even when declared in block-Hadamard form: on the H200 the dense variant was faster
+    at most bench points in sessions 5 and 6 (docs/kernels.md); only the V merge
+    (_reduce_rotate_kernel) uses the block-Hadamard form. ONE_TILE (tiles_per_split == 1): the
+    split's only tile is loaded before the q transform, so that its memory latency overlaps the
+    transform's instead of following it (a pipelined loop issues its first loads after it)."""
     # the V rotation is applied by the reduce kernel: the unsplit path has none
     tl.static_assert(SPLIT or not HAS_VM, "decode with v_matrix needs the split path (SPLIT=True)")
     b = tl.program_id(0)
@@ -137,6 +79,16 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
     g = tl.arange(0, GP)
     gmask = g < G
     seq_len = tl.load(sl_ptr + b)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    if ONE_TILE:
+        tmask0 = sp * BLOCK_N + tl.arange(0, BLOCK_N) < seq_len
+        blk0 = _tile_block_ids(bt_row, sp * BLOCK_N, max_tokens, BLOCK_N, T).to(tl.int64)
+        kbase0 = (blk0 * 2 * H + h) * R
+        row0 = _tile_rows(sp * BLOCK_N, BLOCK_N, T)
+        k0, k1 = _load_codes(pool_ptr, poolb_ptr, kbase0, row0, tmask0, D, STORAGE)
+        v0, v1 = _load_codes(pool_ptr, poolb_ptr, kbase0 + H * R, row0, tmask0, D, STORAGE)
+        kmeta0 = _load_kv_meta(poolf_ptr, kbase0, row0, tmask0, D, T, STORAGE, META32)
+        vmeta0 = _load_kv_meta(poolf_ptr, kbase0 + H * R, row0, tmask0, D, T, STORAGE, META32)
 
     qrow = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh
     if HAS_QM:
@@ -149,52 +101,45 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
     q_hi = (q_hi * qk_scale).to(DT)
     qsum = tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1)
 
-    n_tiles = tl.cdiv(seq_len, BLOCK_N)
-    t0 = sp * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc_lo = tl.zeros([GP, HALF], tl.float32)
     acc_hi = tl.zeros([GP, HALF], tl.float32)
-    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-    # Block ids are read one tile ahead into a loop-carried value: a code load whose address comes
-    # from a load in the same iteration gets a single pipeline buffer from Triton's pipeliner. Ids
-    # past seq_len (inside the table row) may be read but only address masked-off tokens.
-    id_limit = tl.minimum(max_tokens, (t0 + tiles_per_split) * BLOCK_N)
-    blk_next = _tile_block_ids(bt_row, t0 * BLOCK_N, id_limit, BLOCK_N, T)
-    for t in range(t0, t1):
-        tok = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        tmask = tok < seq_len
-        blk = blk_next.to(tl.int64)
-        blk_next = _tile_block_ids(bt_row, (t + 1) * BLOCK_N, id_limit, BLOCK_N, T)
-        row = _tile_rows(t * BLOCK_N, BLOCK_N, T)
-        kbase = (blk * 2 * H + h) * R
-        k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase, row, tmask, H, D, T, R, STORAGE, META32, DT, PREC != 0)
-        v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase + H * R, row, tmask, H, D, T, R, STORAGE, META32, DT, PREC != 0)
-        off = _code_offset(STORAGE, DT)
-        s = tl.dot(q_lo, tl.trans(k_lo))
-        s = tl.dot(q_hi, tl.trans(k_hi), s)
-        if STORAGE != 0:
-            # q.(c + off) * s + (m - off * s) * sum(q): q is rounded once, so off cancels exactly
-            s = s * ks[None, :] + qsum[:, None] * (km - off * ks)[None, :]
-        s = tl.where(tmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if STORAGE != 0:
-            pd = (p * vs[None, :]).to(DT)
-            # (p*s rounded) @ (c + off) - off * sum(p*s rounded) + p . m
-            pm = tl.sum(p * vmn[None, :] - off * pd.to(tl.float32), 1)
-            acc_lo = acc_lo * alpha[:, None] + pm[:, None]
-            acc_hi = acc_hi * alpha[:, None] + pm[:, None]
-        else:
-            pd = p.to(DT)
-            acc_lo = acc_lo * alpha[:, None]
-            acc_hi = acc_hi * alpha[:, None]
-        acc_lo = tl.dot(pd, v_lo, acc_lo)
-        acc_hi = tl.dot(pd, v_hi, acc_hi)
-        m_i = m_new
+    if ONE_TILE:
+        # every use of the early loads below (a layout conversion through shared memory included)
+        # waits for them: keep those uses after the transform
+        k0, v0, kmeta0, vmeta0 = (_opaque(k0, PREC != 0), _opaque(v0, PREC != 0), _opaque(kmeta0, PREC != 0),
+                                  _opaque(vmeta0, PREC != 0))
+        if STORAGE != 2:  # (INT4: x1 is x0)
+            k1, v1 = _opaque(k1, PREC != 0), _opaque(v1, PREC != 0)
+        k_lo, k_hi = _code_values(k0, k1, STORAGE, DT, PREC != 0)
+        v_lo, v_hi = _code_values(v0, v1, STORAGE, DT, PREC != 0)
+        ks, km = _kv_meta_values(kmeta0, row0, STORAGE, META32)
+        vs, vmn = _kv_meta_values(vmeta0, row0, STORAGE, META32)
+        if sp * BLOCK_N < seq_len:  # (a tile of masked tokens alone would turn the softmax state into nan)
+            m_i, l_i, acc_lo, acc_hi = _attend_tile(q_lo, q_hi, qsum, k_lo, k_hi, ks, km, v_lo, v_hi, vs, vmn,
+                                                    tmask0, m_i, l_i, acc_lo, acc_hi, STORAGE, DT)
+    else:
+        n_tiles = tl.cdiv(seq_len, BLOCK_N)
+        t0 = sp * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+        # Block ids are read one tile ahead into a loop-carried value: a code load whose address comes
+        # from a load in the same iteration gets a single pipeline buffer from Triton's pipeliner. Ids
+        # past seq_len (inside the table row) may be read but only address masked-off tokens.
+        id_limit = tl.minimum(max_tokens, (t0 + tiles_per_split) * BLOCK_N)
+        blk_next = _tile_block_ids(bt_row, t0 * BLOCK_N, id_limit, BLOCK_N, T)
+        for t in range(t0, t1):
+            tmask = t * BLOCK_N + tl.arange(0, BLOCK_N) < seq_len
+            blk = blk_next.to(tl.int64)
+            blk_next = _tile_block_ids(bt_row, (t + 1) * BLOCK_N, id_limit, BLOCK_N, T)
+            row = _tile_rows(t * BLOCK_N, BLOCK_N, T)
+            kbase = (blk * 2 * H + h) * R
+            k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase, row, tmask, H, D, T, R,
+                                               STORAGE, META32, DT, PREC != 0)
+            v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase + H * R, row, tmask, H, D, T,
+                                                R, STORAGE, META32, DT, PREC != 0)
+            m_i, l_i, acc_lo, acc_hi = _attend_tile(q_lo, q_hi, qsum, k_lo, k_hi, ks, km, v_lo, v_hi, vs, vmn, tmask,
+                                                    m_i, l_i, acc_lo, acc_hi, STORAGE, DT)
 
     nz = l_i > 0
     inv = tl.where(nz, 1.0 / tl.where(nz, l_i, 1.0), 0.0)
@@ -322,8 +267,11 @@ def _dot_dtype(query, storage, interp):
     return tl.float16
 
 
-#: Splits x channels the reduce reads per load (SB = this // head_dim splits): sized for registers.
-REDUCE_TILE_ELEMS = 4096
+#: Splits x channels the reduce reads per load (SB = this // head_dim splits): sized for registers
+#: (64 fp32 per thread and half with 8 warps). Above REDUCE_WARP4_ELEMS the reduce runs 8 warps.
+#: The V-rotating merge unrolls its G rows and keeps the smaller tile.
+REDUCE_TILE_ELEMS = 16384
+REDUCE_WARP4_ELEMS = 4096
 
 _NUM_SMS: dict = {}
 
@@ -357,6 +305,10 @@ CONFIG = {
     # bf16: 32 KB tiles, one buffer keeps twice the programs resident
     "bf16": {"block_n": 64, "num_warps": 4, "num_stages": 2, "waves": 2, "min_tiles_per_split": 2, "q_chunk": 16},
 }
+
+#: Splits of one tile load it before the q transform (_decode_kernel's ONE_TILE); False: the
+#: pipelined loop for every split (an A/B switch for scripts/ab_decode_knobs.py).
+ONE_TILE_EARLY_LOADS = True
 
 #: Largest batch x KV heads x max_tokens of the "tiny" regime (1 x 8k or 8 x 1k at 8 KV heads).
 TINY_TOKEN_HEADS = 65536
@@ -447,14 +399,17 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
         H=h, G=g, GP=gp, D=d, T=t, R=pool.shape[-1], STORAGE=STORAGE_CODE[storage], META32=meta_dtype == "fp32",
         HAS_QM=q_matrix is not None, HAS_VM=v_matrix is not None, SPLIT=splits > 1, BLOCK_N=block_n,
         DT=dt, PREC=prec, Q_CHUNK=16 if interp else min(d, cfg.get("q_chunk", 16)),
+        ONE_TILE=ONE_TILE_EARLY_LOADS and tps == 1,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=launch_maxnreg(cfg, d),
     )
     if splits > 1:
-        sb = max(2, min(triton.next_power_of_2(splits), REDUCE_TILE_ELEMS // d))
         if v_matrix is None:
+            sb = max(2, min(triton.next_power_of_2(splits), REDUCE_TILE_ELEMS // d))
             _reduce_kernel[(bsz, h, g)](po, pl, out, out.stride(0), out.stride(1), splits,
-                                        H=h, G=g, GP=gp, D=d, SB=sb, ONE_LOAD=splits <= sb, num_warps=4)
+                                        H=h, G=g, GP=gp, D=d, SB=sb, ONE_LOAD=splits <= sb,
+                                        num_warps=4 if sb * d <= REDUCE_WARP4_ELEMS else 8)
         else:
+            sb = max(2, min(triton.next_power_of_2(splits), min(REDUCE_TILE_ELEMS, REDUCE_WARP4_ELEMS) // d))
             _reduce_rotate_kernel[(bsz, h)](po, pl, vm, out, out.stride(0), out.stride(1), splits,
                                             H=h, G=g, GP=gp, D=d, SB=sb, ONE_LOAD=splits <= sb, PREC=prec,
                                             HB=rotation_block, num_warps=4)

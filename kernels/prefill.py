@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from ._common import STORAGE_CODE, _nan_rows_with_nonfinite, _transform_rows
-from .decode import LOG2E, _code_offset, _dot_dtype, _load_kv_tile, _pool_views, _tile_block_ids, _tile_rows
+from ._tiles import _code_offset, _load_kv_tile, _tile_block_ids, _tile_rows
+from .decode import LOG2E, _dot_dtype, _pool_views
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU verification run (H200 through the device tool, or any CUDA machine).
-#   scripts/gpu_check.sh tests       the GPU test group (171 tests, ~8.5 min on the H200)
+#   scripts/gpu_check.sh tests       the GPU test group (176 tests, ~9 min on the H200)
 #   scripts/gpu_check.sh soak        the 10,000-step soak (~4.5 min; 5,000 steps per config)
 #   scripts/gpu_check.sh sanitizers  compute-sanitizer memcheck/initcheck (sanitizer subset), racecheck (its smem kernels)
 #   scripts/gpu_check.sh bench       sawint4 bench (full default grid)

@@ -48,7 +48,7 @@ def K():
     """The kernel modules, (re)imported with the interpreter on (triton reads it when decorating)."""
     if not _USABLE:
         pytest.skip("runs under TRITON_INTERPRET=1: see test_in_subprocess")
-    names = ("_common", "append", "decode", "prefill")
+    names = ("_common", "_tiles", "append", "decode", "prefill")
     stale = any(f"trtllm_sawint4.kernels.{n}" in sys.modules for n in names) and not _interpreted()
     mods = {}
     for name in names:
@@ -205,6 +205,29 @@ def test_decode(K, fmt, meta, d, h, group, t, lens, dtype, splits):
             assert torch.count_nonzero(got[b]) == 0
 
 
+@pytest.mark.parametrize("fmt,meta,t", [("saw_int4", "fp16", 16), ("int4", "fp32", 8), ("int8", "fp16", 32),
+                                         ("bf16", "fp16", 16)])
+def test_decode_one_tile_splits(K, monkeypatch, fmt, meta, t):
+    """Splits of one tile (ONE_TILE: the tile is loaded before the q transform) give the reference's
+    result and the same bits as the loop over that one tile."""
+    torch.manual_seed(6)
+    d, h, group, lens = 64, 2, 4, [0, 45, 16, 70]
+    spec = _spec(fmt, d, h, t, meta, rotate_v=True)
+    tf = _transform(spec)
+    nb = sum(-(-l // t) for l in lens) + 2
+    pool = _filled_pool(spec, tf, nb)
+    table = _block_table(lens, t, nb)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(len(lens), h * group, d).to(torch.bfloat16)
+    args = (q, pool, table, sl, tf.q_matrix, tf.v_matrix, d ** -0.5, spec.storage, meta, tf.rotation_block)
+    splits = table.shape[1] * t // 16  # one 16-token interpreter tile per split
+    got = K["decode"].decode(*args, num_splits=splits)
+    want = ref.decode(*args)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    monkeypatch.setattr(K["decode"], "ONE_TILE_EARLY_LOADS", False)
+    assert torch.equal(K["decode"].decode(*args, num_splits=splits), got)
+
+
 @pytest.mark.parametrize("rotate_v", [False, True])
 @pytest.mark.parametrize("tile_elems", [None, 64])
 def test_decode_reduce_paths(K, monkeypatch, rotate_v, tile_elems):
@@ -289,7 +312,9 @@ def test_append_then_attend_roundtrip(K):
 
 @pytest.mark.parametrize("d,block,calibrated", [
     (64, 16, True),    # blocks inside each half
+    (64, 16, False),   # |d| uniform: the one-term path (x * sign(d)) @ S times |d|
     (128, 128, False),  # one block couples the halves
+    (128, 128, True),
     (32, 32, True),
     (64, 1, True),     # calibrated, unrotated: diagonal matrices (int4 storage, no V transform)
 ])

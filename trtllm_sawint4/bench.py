@@ -138,6 +138,19 @@ def decode_case(hq, hkv, d, batch, ctx, t=64, device="cuda"):
         q=torch.randn(batch, hq, d, device=device, dtype=torch.bfloat16), k=k, v=torch.randn_like(k))
 
 
+def _calibrated_transform(spec, device, seed=0):
+    """The layer transform with random channel statistics (mean, scale in [0.5, 1.5)): the calibrated
+    variant of the format (append then also adds the channel bias)."""
+    import torch
+
+    from .transforms import build_layer_transform
+
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(spec.num_kv_heads, spec.head_dim, generator=g)
+    scale = torch.rand(spec.num_kv_heads, spec.head_dim, generator=g) + 0.5
+    return build_layer_transform(spec, mean, scale).to(device)
+
+
 def bench_decode_point(hq, hkv, d, batch, ctx, t, rep_ms, peak_tbps, mem_limit_gb, kernels_to_run=None):
     import torch
     import torch.nn.functional as F
@@ -222,9 +235,9 @@ def bench_append(rep_ms, t):
     for n in APPEND_TOKENS:
         row = {"tokens": n, "heads": h, "d": d}
         nb = n // t + 1
-        for fmt in ("saw_int4", "int4", "bf16"):
-            spec = KVCacheSpec(d, h, t, kv_format=fmt)
-            tf = build_layer_transform(spec).to(dev)
+        for fmt in ("saw_int4", "saw_int4_calib", "int4", "bf16"):
+            spec = KVCacheSpec(d, h, t, kv_format=fmt.removesuffix("_calib"))
+            tf = _calibrated_transform(spec, dev) if fmt.endswith("_calib") else build_layer_transform(spec).to(dev)
             nbytes = 2 * n * h * d * 2 + n * spec.bytes_per_token
 
             def make():
@@ -608,8 +621,8 @@ def run(args) -> int:
 
     if "append" in parts:
         result["append"] = bench_append(args.rep_ms, t)
-        cols = ["tokens", "saw_int4_us", "saw_int4_tbps", "int4_us", "int4_tbps", "bf16_us", "bf16_tbps",
-                "torch_index_put_us"]
+        cols = ["tokens", "saw_int4_us", "saw_int4_tbps", "saw_int4_calib_us", "saw_int4_calib_tbps", "int4_us",
+                "int4_tbps", "bf16_us", "bf16_tbps", "torch_index_put_us"]
         fmt = {c: "{:.1f}" for c in cols if c.endswith("_us")}
         fmt.update({c: "{:.2f}" for c in cols if c.endswith("tbps")})
         print("\nAPPEND (8 KV heads, head_dim 128, bf16 in; TB/s = bf16 read + stored bytes)")

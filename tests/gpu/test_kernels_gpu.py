@@ -180,19 +180,43 @@ def test_decode_each_tile_config(K, monkeypatch, regime, fmt, t):
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
     q = torch.randn(len(lens), 16, 128, device=DEV).to(torch.bfloat16)
     want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16")
-    for splits in (None, 1, 3):
+    for splits in (None, 1, 3, 10**4):  # 10**4: one tile per split (the ONE_TILE early-load path)
         got = K.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16",
                        tf.rotation_block, num_splits=splits)
         _close(got, want)
 
 
+@pytest.mark.parametrize("d,splits,calibrated", [
+    (128, 100, False),  # 79 splits (315 tiles): one load of 128, 8 warps
+    (128, 300, True),   # 158 splits: two passes of 128
+    (64, 250, False),   # 158 splits: one load of 256 at head_dim 64
+])
+def test_decode_many_splits(K, d, splits, calibrated):
+    """The split merge at batch-1-like split counts (up to 256 splits per load, 8 warps), with and
+    without a calibrated transform."""
+    torch.manual_seed(3)
+    lens = [20000, 1, 64 * 300 + 5]
+    t = 64
+    spec = _spec("saw_int4", d, 2, t)
+    tf = _tf(spec, calibrated=calibrated)
+    nb = sum(-(-l // t) for l in lens) + 3
+    pool = _filled_pool(spec, tf, nb)
+    table = _block_table(lens, t, nb)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    q = torch.randn(len(lens), 8, d, device=DEV).to(torch.bfloat16)
+    want = ref.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16")
+    got = K.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16", tf.rotation_block,
+                   num_splits=splits)
+    _close(got, want)
+
+
 @pytest.mark.parametrize("rotate_v", [True, False])  # the V-rotating merge / the plain one
-def test_decode_cuda_graph(K, rotate_v):
+@pytest.mark.parametrize("b,mb", [(16, 64), (1, 16)])  # "few" splits; "tiny" one-tile splits (ONE_TILE)
+def test_decode_cuda_graph(K, rotate_v, b, mb):
     """A decode step captured in a CUDA graph and replayed with new lengths/queries equals eager."""
     torch.manual_seed(2)
     spec = _spec("saw_int4", 128, 8, 64, rotate_v=rotate_v)
     tf = _tf(spec)
-    b, mb = 16, 64
     nb = b * mb
     pool = _filled_pool(spec, tf, nb)
     table = torch.randperm(nb, device=DEV).int().view(b, mb)

@@ -207,6 +207,21 @@ def test_sanitizer_decode_small(K, fmt, num_splits):
     torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("num_splits", [100, 200])  # 314 tiles: 79 splits in one load, 157 in two
+def test_sanitizer_decode_many_splits(K, num_splits):
+    """The wide split merge (8 warps, up to 128 splits of head_dim 128 per load) over mixed lengths
+    (0, a few tokens, thousands) with junk past each table row: matches the reference."""
+    spec = _spec("saw_int4", d=128, t=64)
+    tf = _tf(spec)
+    pool, table, lens = _small_cache_case(spec, tf, [0, 20000, 70, 5000])
+    q = torch.randn(4, 4, 128, device=DEV, dtype=torch.bfloat16)
+    args = (pool, table, lens, tf.q_matrix, None, 0.088, spec.storage, spec.metadata_dtype)
+    got = K["decode_module"].decode(q, *args, num_splits=num_splits)
+    want = ref.decode(q, *args)
+    assert not bool(got[0].any())
+    torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("fmt", ["int4", "bf16", "saw_int4_v"])
 def test_sanitizer_prefill_small(K, fmt):
     """Chunked prefill (queries of 0, 1, part and all of a sequence's tokens): matches the reference,

@@ -7,7 +7,8 @@ Prints registers / spills / shared memory (cuobjdump), the shared-memory buffers
 loads (a `2x...` buffer means double-buffered), loads left synchronous inside loops, and an
 instruction histogram of the longest loop of the SASS. This is how the single-buffer pipeline and the
 synchronous metadata loads of the decode kernel were found (docs/kernels.md). Uses the ahead-of-time
-variants of kernels/aot.py (decode unsplit), so no GPU is needed.
+variants of kernels/aot.py (decode unsplit), so no GPU is needed; `decode --one-tile` compiles the
+split decode kernel with one-tile splits instead and reports where its tile loads go.
 """
 
 from __future__ import annotations
@@ -35,6 +36,61 @@ def _loop_histogram(sass: str):
     return len(body), ops
 
 
+def _compile_split_decode(args, one_tile: bool):
+    """The JIT decode kernel as launched with splits (kernels/decode.py; the AOT variant is unsplit),
+    compiled for sm_90: needed to see the one-tile path (ONE_TILE)."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+
+    from trtllm_sawint4.kernels.decode import _decode_kernel
+    from trtllm_sawint4.spec import KVCacheSpec
+
+    d = args.head_dim
+    spec = KVCacheSpec(d, 8, 64, args.format)
+    ptrs = dict(q_ptr="*bf16", pool_ptr="*u8", poolb_ptr="*bf16", poolf_ptr="*fp32", bt_ptr="*i32", sl_ptr="*i32",
+                qm_ptr="*fp32", vm_ptr="*fp32", out_ptr="*bf16", po_ptr="*fp32", pl_ptr="*fp32")
+    scalars = dict(stride_qb="i32", stride_qh="i32", stride_ob="i32", stride_oh="i32", stride_bt="i32",
+                   qk_scale="fp32", tiles_per_split="i32", max_tokens="i32")
+    constexprs = dict(H=8, G=4, GP=16, D=d, T=64, R=spec.region_bytes, STORAGE={"bf16": 0, "int8": 1}.get(spec.storage, 2),
+                      META32=spec.metadata_dtype == "fp32", HAS_QM=spec.rotated, HAS_VM=False, SPLIT=True,
+                      BLOCK_N=args.block_n or 64, DT=tl.bfloat16, PREC=1, Q_CHUNK=args.q_chunk or 64,
+                      ONE_TILE=one_tile)
+    signature = {**ptrs, **scalars, **{k: "constexpr" for k in constexprs}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))}
+    src = triton.compiler.ASTSource(fn=_decode_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": args.warps or 4, "num_stages": args.stages or 3}
+    if args.maxnreg:
+        options["maxnreg"] = args.maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def one_tile_order(sass: str) -> tuple[int, int]:
+    """(128-bit global loads issued before the first wait on async copies, instructions before that
+    wait that read a register those loads write). In the one-tile decode that wait is the q
+    transform's: the tile's loads should all be in flight by then, and nothing should use them (which
+    stalls the warp until they arrive, e.g. a store to shared memory for a layout change) before it."""
+    lines = [ln for ln in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4}\*/", ln)]
+    wait = next((i for i, ln in enumerate(lines) if "DEPBAR.LE" in ln), len(lines))
+    pending, loads, early = set(), 0, 0
+    for ln in lines[:wait]:
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*([^;]*);", ln)
+        if not m:
+            continue
+        op, operands = m.group(1), [o.strip() for o in m.group(2).split(",")]
+        regs = [set(int(r) for r in re.findall(r"\bR(\d+)\b", o)) for o in operands]
+        if op == "LDG.E.128" and regs and regs[0]:
+            base = min(regs[0])
+            pending |= set(range(base, base + 4))
+            loads += 1
+            continue
+        if any(r & pending for r in regs[1:]):
+            early += 1
+        if regs and not op.startswith(("ST", "LDGSTS")):  # a write of a pending register ends its tracking
+            pending -= regs[0]
+    return loads, early
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("op", choices=["append", "decode", "prefill"])
@@ -47,6 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--q-chunk", type=int, help="decode: Q_CHUNK")
     p.add_argument("--rotation-block", type=int, help="HB: read the matrices in block-Hadamard form")
     p.add_argument("--maxnreg", type=int, help="register cap per thread (ptxas .maxnreg)")
+    p.add_argument("--one-tile", action="store_true",
+                   help="decode: the split kernel with one-tile splits (ONE_TILE), and where its tile loads go")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
@@ -54,15 +112,24 @@ def main(argv=None) -> int:
     from trtllm_sawint4.build_scripts.aot import compile_kernel
     from trtllm_sawint4.kernels.aot import model_kernels
 
-    kernel = dict(zip(["append", "decode", "prefill"],
-                      model_kernels(args.head_dim, 32, 8, 64, args.format, False, False, "bf16", args.head_dim ** -0.5)))[args.op]
-    for name, value in (("BLOCK_M", args.block_m), ("BLOCK_N", args.block_n), ("Q_CHUNK", args.q_chunk),
-                        ("HB", args.rotation_block)):
-        if value is not None and name in kernel.constexprs:
-            kernel.constexprs[name] = value
-    kernel.num_warps = args.warps or kernel.num_warps
-    kernel.num_stages = args.stages or kernel.num_stages
-    compiled = compile_kernel(kernel, 90, {"maxnreg": args.maxnreg} if args.maxnreg else None)
+    if args.one_tile:
+        if args.op != "decode":
+            p.error("--one-tile applies to decode")
+        compiled = _compile_split_decode(args, one_tile=True)
+        label = f"decode (split, one-tile) {args.format} D={args.head_dim} warps={args.warps or 4}"
+    else:
+        kernel = dict(zip(["append", "decode", "prefill"],
+                          model_kernels(args.head_dim, 32, 8, 64, args.format, False, False, "bf16",
+                                        args.head_dim ** -0.5)))[args.op]
+        for name, value in (("BLOCK_M", args.block_m), ("BLOCK_N", args.block_n), ("Q_CHUNK", args.q_chunk),
+                            ("HB", args.rotation_block)):
+            if value is not None and name in kernel.constexprs:
+                kernel.constexprs[name] = value
+        kernel.num_warps = args.warps or kernel.num_warps
+        kernel.num_stages = args.stages or kernel.num_stages
+        compiled = compile_kernel(kernel, 90, {"maxnreg": args.maxnreg} if args.maxnreg else None)
+        label = (f"{args.op} {args.format} D={args.head_dim} warps={kernel.num_warps} stages={kernel.num_stages} "
+                 f"{ {k: v for k, v in kernel.constexprs.items() if k.startswith('BLOCK')} }")
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     cubin = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sawint4_{args.op}.cubin")
     with open(cubin, "wb") as f:
@@ -70,9 +137,12 @@ def main(argv=None) -> int:
     usage = subprocess.run([f"{bindir}/cuobjdump", "-res-usage", cubin], capture_output=True, text=True).stdout
     sass = subprocess.run([f"{bindir}/cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
     ttgir = compiled.asm["ttgir"]
-    print(f"{args.op} {args.format} D={args.head_dim} warps={kernel.num_warps} stages={kernel.num_stages} "
-          f"{ {k: v for k, v in kernel.constexprs.items() if k.startswith('BLOCK')} }")
+    print(label)
     print(usage.strip().splitlines()[-1].strip())
+    if args.one_tile:
+        loads, early = one_tile_order(sass)
+        print(f"one-tile: {loads} 128-bit loads issued before the first async-copy wait, {early} instructions "
+              "using them before it")
     print("shared buffers:", dict(collections.Counter(re.findall(r"local_alloc : \(\) -> !ttg.memdesc<([^,]+),", ttgir))))
     print("synchronous loads inside loops:", len(re.findall(r"^\s{6,}%\S+ = tt.load ", ttgir, re.M)))
     n, ops = _loop_histogram(sass)

@@ -51,3 +51,19 @@ def test_decode_launch_configs_do_not_spill(regime, head_dim):
     usage = _inspect(*args).splitlines()[1]
     stack = int(usage.split("STACK:")[1].split()[0])
     assert stack <= 64, usage
+
+
+def test_one_tile_decode_issues_its_tile_loads_before_the_q_transform():
+    """Decode's one-tile splits (ONE_TILE, the "tiny" config at head_dim 128) issue the K/V tile's loads
+    before the q transform waits for its matrix, and use none of them before that: a layout conversion
+    of the tile placed right after its loads made the warp wait there (docs/kernels.md)."""
+    import importlib
+
+    cfg = importlib.import_module("trtllm_sawint4.kernels.decode").CONFIG["tiny"]
+    args = ["decode", "--one-tile", "--format", "saw_int4", "--head-dim", "128", "--warps", str(cfg["num_warps"]),
+            "--stages", str(cfg["num_stages"]), "--q-chunk", str(cfg["q_chunk"])]
+    if cfg.get("maxnreg"):
+        args += ["--maxnreg", str(cfg["maxnreg"])]
+    line = next(ln for ln in _inspect(*args).splitlines() if ln.startswith("one-tile:"))
+    loads, early = int(line.split()[1]), int(line.split("wait,")[1].split()[0])
+    assert loads >= 2 and early == 0, line

@@ -95,9 +95,8 @@ def _opaque(x, ASM: tl.constexpr):
 
 
 @triton.jit
-def _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, base, row, tmask, H: tl.constexpr, D: tl.constexpr,
-                  T: tl.constexpr, R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, DT: tl.constexpr,
-                  ASM: tl.constexpr = True):
+def _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, base, row, tmask, D: tl.constexpr, T: tl.constexpr,
+                  STORAGE: tl.constexpr, META32: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr = True):
     """One K or V tile: the halves [BLOCK_N, D/2] in DT and per-token (scale, min) [BLOCK_N] fp32.
     (ONE_TILE in _decode_kernel calls the four steps apart, to issue the loads early.)"""
     x0, x1 = _load_codes(pool_ptr, poolb_ptr, base, row, tmask, D, STORAGE)

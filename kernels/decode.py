@@ -134,10 +134,10 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
             blk_next = _tile_block_ids(bt_row, (t + 1) * BLOCK_N, id_limit, BLOCK_N, T)
             row = _tile_rows(t * BLOCK_N, BLOCK_N, T)
             kbase = (blk * 2 * H + h) * R
-            k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase, row, tmask, H, D, T, R,
-                                               STORAGE, META32, DT, PREC != 0)
-            v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase + H * R, row, tmask, H, D, T,
-                                                R, STORAGE, META32, DT, PREC != 0)
+            k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase, row, tmask, D, T, STORAGE,
+                                               META32, DT, PREC != 0)
+            v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase + H * R, row, tmask, D, T,
+                                                STORAGE, META32, DT, PREC != 0)
             m_i, l_i, acc_lo, acc_hi = _attend_tile(q_lo, q_hi, qsum, k_lo, k_hi, ks, km, v_lo, v_hi, vs, vmn, tmask,
                                                     m_i, l_i, acc_lo, acc_hi, STORAGE, DT)
 

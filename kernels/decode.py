@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import decode_mma
 from ._common import STORAGE_CODE, _matmul_halves, _nan_rows_with_nonfinite, _transform_rows
 from ._tiles import (_code_offset, _code_values, _kv_meta_values, _load_codes, _load_kv_meta, _load_kv_tile, _opaque,
                      _tile_block_ids, _tile_rows)
@@ -310,6 +311,13 @@ CONFIG = {
 #: pipelined loop for every split (an A/B switch for scripts/ab_decode_knobs.py).
 ONE_TILE_EARLY_LOADS = True
 
+#: INT4 decode through the Gluon kernel of kernels/decode_mma.py wherever it applies (mma_applies);
+#: False: the Triton kernel everywhere (an A/B switch). Its splits: aim at `waves` x SMs one-warp
+#: programs of at least `min_tiles_per_split` tiles; `stages`: cp.async buffers (2 keeps more programs
+#: resident than 3: session 7 measured 2 faster at every shape).
+MMA_DECODE = True
+MMA_CONFIG = {"stages": 2, "waves": 16, "min_tiles_per_split": 8}
+
 #: Largest batch x KV heads x max_tokens of the "tiny" regime (1 x 8k or 8 x 1k at 8 KV heads).
 TINY_TOKEN_HEADS = 65536
 
@@ -354,6 +362,65 @@ def plan_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int, num_sm
     return splits, tiles_per_split
 
 
+def mma_applies(batch: int, kv_heads: int, head_dim: int, group: int, tokens_per_block: int, storage: str,
+                meta_dtype: str, query_dtype, max_tokens: int, num_sms: int, on_gpu: bool) -> bool:
+    """Whether decode runs the Gluon kernel (kernels/decode_mma.py): its scope (INT4 codes, head_dim
+    128, G <= 8, fp16 metadata, 16-bit queries, blocks of whole 64-token tiles), outside the
+    latency-bound "tiny" regime (there the Triton kernel's single launch and early loads win)."""
+    return (MMA_DECODE and decode_mma.HAVE_GLUON and on_gpu and storage == "int4"
+            and head_dim == decode_mma.HEAD_DIM and group <= decode_mma.MAX_GROUP and meta_dtype == "fp16"
+            and query_dtype in (torch.bfloat16, torch.float16) and tokens_per_block % decode_mma.BLOCK_N == 0
+            and regime_of(batch, kv_heads, head_dim, max_tokens, num_sms) != "tiny")
+
+
+def _decode_mma(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, rotation_block, num_splits, t, out):
+    """decode() through the Gluon kernel: q transform (when rotated), split kernel, merge."""
+    bsz, hq, d = query.shape
+    h = pool.shape[2]
+    g = hq // h
+    max_tiles = max(1, triton.cdiv(block_table.shape[1] * t, decode_mma.BLOCK_N))
+    if num_splits is None:
+        splits, tps = plan_splits(bsz, h, max_tiles * decode_mma.BLOCK_N, decode_mma.BLOCK_N,
+                                  _num_sms(pool.device), MMA_CONFIG["waves"], MMA_CONFIG["min_tiles_per_split"])
+    else:
+        tps = triton.cdiv(max_tiles, max(1, num_splits))
+        splits = triton.cdiv(max_tiles, tps)
+    if v_matrix is not None:
+        splits = max(splits, 2)  # (the V-rotating merge; an empty split is harmless)
+    q = query
+    if q_matrix is not None:
+        q = torch.empty((bsz, hq, d), dtype=torch.float32, device=query.device)
+        decode_mma._q_prep_kernel[(bsz, h)](query, q_matrix.contiguous(), q, query.stride(0), query.stride(1),
+                                            G=g, GP=max(16, triton.next_power_of_2(g)), D=d, Q_CHUNK=16, PREC=1,
+                                            HB=rotation_block, num_warps=2)
+    gp = decode_mma.MAX_GROUP
+    po = torch.empty((bsz, h, splits, gp, d), dtype=torch.float32, device=query.device)
+    pl = torch.empty((bsz, h, splits, gp), dtype=torch.float32, device=query.device)
+    decode_mma._decode_mma_kernel[(bsz, h, splits)](
+        q, pool, pool.view(torch.float16), block_table, seq_lens, po, pl, q.stride(0), q.stride(1),
+        block_table.stride(0), float(scale) * LOG2E, tps,
+        H=h, G=g, T=t, R=pool.shape[-1], FP16=query.dtype == torch.float16, STAGES=MMA_CONFIG["stages"],
+        num_warps=1)
+    _merge_splits(po, pl, out, v_matrix, splits, g, gp, d, rotation_block, prec=1)
+    return out
+
+
+def _merge_splits(po, pl, out, v_matrix, splits, g, gp, d, rotation_block, prec):
+    """The reduce launch: one query row per program, or one KV head per program when it also
+    rotates V back."""
+    bsz, h = po.shape[:2]
+    if v_matrix is None:
+        sb = max(2, min(triton.next_power_of_2(splits), REDUCE_TILE_ELEMS // d))
+        _reduce_kernel[(bsz, h, g)](po, pl, out, out.stride(0), out.stride(1), splits,
+                                    H=h, G=g, GP=gp, D=d, SB=sb, ONE_LOAD=splits <= sb,
+                                    num_warps=4 if sb * d <= REDUCE_WARP4_ELEMS else 8)
+    else:
+        sb = max(2, min(triton.next_power_of_2(splits), min(REDUCE_TILE_ELEMS, REDUCE_WARP4_ELEMS) // d))
+        _reduce_rotate_kernel[(bsz, h)](po, pl, v_matrix.contiguous(), out, out.stride(0), out.stride(1), splits,
+                                        H=h, G=g, GP=gp, D=d, SB=sb, ONE_LOAD=splits <= sb, PREC=prec,
+                                        HB=rotation_block, num_warps=4)
+
+
 def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float, storage: str, meta_dtype: str,
            rotation_block: int = 0, num_splits: int | None = None):
     """Same signature and result as trtllm_sawint4.ops.reference.decode."""
@@ -370,6 +437,9 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
         query = query.contiguous()
     interp = pool.device.type == "cpu"
     max_tokens = block_table.shape[1] * t
+    if mma_applies(bsz, h, d, g, t, storage, meta_dtype, query.dtype, max_tokens, _num_sms(pool.device), not interp):
+        return _decode_mma(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, rotation_block, num_splits,
+                           t, out)
     cfg = tile_config(bsz, h, d, storage, _num_sms(pool.device), max_tokens)
     block_n = 16 if interp else cfg["block_n"]
     gp = max(16, triton.next_power_of_2(g))
@@ -403,14 +473,5 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=launch_maxnreg(cfg, d),
     )
     if splits > 1:
-        if v_matrix is None:
-            sb = max(2, min(triton.next_power_of_2(splits), REDUCE_TILE_ELEMS // d))
-            _reduce_kernel[(bsz, h, g)](po, pl, out, out.stride(0), out.stride(1), splits,
-                                        H=h, G=g, GP=gp, D=d, SB=sb, ONE_LOAD=splits <= sb,
-                                        num_warps=4 if sb * d <= REDUCE_WARP4_ELEMS else 8)
-        else:
-            sb = max(2, min(triton.next_power_of_2(splits), min(REDUCE_TILE_ELEMS, REDUCE_WARP4_ELEMS) // d))
-            _reduce_rotate_kernel[(bsz, h)](po, pl, vm, out, out.stride(0), out.stride(1), splits,
-                                            H=h, G=g, GP=gp, D=d, SB=sb, ONE_LOAD=splits <= sb, PREC=prec,
-                                            HB=rotation_block, num_warps=4)
+        _merge_splits(po, pl, out, v_matrix, splits, g, gp, d, rotation_block, prec)
     return out

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU verification run (H200 through the device tool, or any CUDA machine).
-#   scripts/gpu_check.sh tests       the GPU test group (176 tests, ~9 min on the H200)
+#   scripts/gpu_check.sh tests       the GPU test group (222 tests; ~9 min on the H200 in one process,
+#                                    so it runs in GPU_TEST_WORKERS (6) pytest-xdist workers when xdist is there:
+#                                    most of the time is Triton compiling, which is per process and CPU-bound)
 #   scripts/gpu_check.sh soak        the 10,000-step soak (~4.5 min; 5,000 steps per config)
-#   scripts/gpu_check.sh sanitizers  compute-sanitizer memcheck/initcheck (sanitizer subset), racecheck (its smem kernels)
+#   scripts/gpu_check.sh sanitizers  compute-sanitizer memcheck/initcheck (sanitizer subset), racecheck (its smem kernels);
+#                                    SANITIZER_TOOLS="memcheck" picks tools
 #   scripts/gpu_check.sh bench       sawint4 bench (full default grid)
 # Logs go to $OUT (or ./gpu_out).
 set -uo pipefail
@@ -13,7 +16,9 @@ python3 -m pip install --no-deps --no-build-isolation -q -e . >/dev/null 2>&1 ||
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
 case "${1:-tests}" in
   tests)
-    timeout 580 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_kernels_gpu.py \
+    workers=()
+    python3 -c "import xdist" 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-6}")
+    timeout 580 python3 -m pytest -m gpu -q -p no:cacheprovider "${workers[@]}" tests/gpu/test_kernels_gpu.py \
       tests/gpu/test_aot_launcher_gpu.py tests/gpu/test_model_gpu.py tests/gpu/test_reliability_gpu.py -rfE \
       2>&1 | tee "$out/gpu_tests.txt" | tail -40
     ;;
@@ -25,7 +30,7 @@ case "${1:-tests}" in
     export PYTORCH_NO_CUDA_MEMORY_CACHING=1
     sel_all="sanitizer"
     sel_smem="sanitizer and (decode_small or prefill_small or with_transforms)"  # racecheck is slow: the smem users
-    for tool in memcheck initcheck racecheck; do
+    for tool in ${SANITIZER_TOOLS:-memcheck initcheck racecheck}; do
       sel=$sel_all; [ $tool = racecheck ] && sel=$sel_smem
       echo "== $tool"
       timeout 200 compute-sanitizer --tool $tool --error-exitcode 1 python3 -m pytest -m gpu -q -p no:cacheprovider \

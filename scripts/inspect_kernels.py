@@ -8,7 +8,8 @@ loads (a `2x...` buffer means double-buffered), loads left synchronous inside lo
 instruction histogram of the longest loop of the SASS. This is how the single-buffer pipeline and the
 synchronous metadata loads of the decode kernel were found (docs/kernels.md). Uses the ahead-of-time
 variants of kernels/aot.py (decode unsplit), so no GPU is needed; `decode --one-tile` compiles the
-split decode kernel with one-tile splits instead and reports where its tile loads go.
+split decode kernel with one-tile splits instead and reports where its tile loads go; `decode --mma`
+compiles the Gluon decode kernel (kernels/decode_mma.py).
 """
 
 from __future__ import annotations
@@ -65,6 +66,24 @@ def _compile_split_decode(args, one_tile: bool):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def _compile_mma_decode(args, fp16: bool):
+    """The Gluon decode kernel (kernels/decode_mma.py; one warp, 2 buffers by default) for sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from trtllm_sawint4.kernels import decode_mma
+
+    ptrs = dict(q_ptr="*fp32", pool_ptr="*u8", poolh_ptr="*fp16", bt_ptr="*i32", sl_ptr="*i32", po_ptr="*fp32",
+                pl_ptr="*fp32")
+    scalars = dict(stride_qb="i32", stride_qh="i32", stride_bt="i32", qk_scale="fp32", tiles_per_split="i32")
+    constexprs = dict(H=8, G=4, T=64, R=64 * (64 + 4), FP16=fp16, STAGES=args.stages or 2)
+    src = GluonASTSource(fn=decode_mma._decode_mma_kernel, signature={**ptrs, **scalars,
+                                                                      **{k: "constexpr" for k in constexprs}},
+                         constexprs=constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+
+
 def one_tile_order(sass: str) -> tuple[int, int]:
     """(128-bit global loads issued before the first wait on async copies, instructions before that
     wait that read a register those loads write). In the one-tile decode that wait is the q
@@ -105,6 +124,9 @@ def main(argv=None) -> int:
     p.add_argument("--maxnreg", type=int, help="register cap per thread (ptxas .maxnreg)")
     p.add_argument("--one-tile", action="store_true",
                    help="decode: the split kernel with one-tile splits (ONE_TILE), and where its tile loads go")
+    p.add_argument("--mma", action="store_true",
+                   help="decode: the Gluon kernel of kernels/decode_mma.py (saw_int4/int4, head_dim 128, G 4)")
+    p.add_argument("--fp16", action="store_true", help="--mma: fp16 queries (default bf16)")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
@@ -112,7 +134,12 @@ def main(argv=None) -> int:
     from trtllm_sawint4.build_scripts.aot import compile_kernel
     from trtllm_sawint4.kernels.aot import model_kernels
 
-    if args.one_tile:
+    if args.mma:
+        if args.op != "decode":
+            p.error("--mma applies to decode")
+        compiled = _compile_mma_decode(args, args.fp16)
+        label = f"decode (Gluon, one warp) {'fp16' if args.fp16 else 'bf16'} D=128 stages={args.stages or 2}"
+    elif args.one_tile:
         if args.op != "decode":
             p.error("--one-tile applies to decode")
         compiled = _compile_split_decode(args, one_tile=True)
@@ -147,7 +174,7 @@ def main(argv=None) -> int:
     print("synchronous loads inside loops:", len(re.findall(r"^\s{6,}%\S+ = tt.load ", ttgir, re.M)))
     n, ops = _loop_histogram(sass)
     print(f"main loop: {n} instructions per warp per iteration")
-    print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(16)))
+    print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common()))
     return 0
 
 

@@ -67,3 +67,23 @@ def test_one_tile_decode_issues_its_tile_loads_before_the_q_transform():
     line = next(ln for ln in _inspect(*args).splitlines() if ln.startswith("one-tile:"))
     loads, early = int(line.split()[1]), int(line.split("wait,")[1].split()[0])
     assert loads >= 2 and early == 0, line
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mma_decode_loop_reads_operands_in_wide_words(dtype):
+    """The Gluon decode kernel (kernels/decode_mma.py) compiled for sm_90: its relabelled layouts must
+    make every operand read a wide shared-memory load (K 16 bytes, V 8 bytes per thread) with no byte
+    loads and no layout conversion through shared memory in the loop, no spills, 64 MMAs per 64-token
+    tile, and the loop well under the Triton kernel's 2 x ~1170 warp-instructions per tile (it
+    compiled to 1165-1180; a layout that stopped matching the MMA operands would add shuffles or
+    shared-memory round trips and break these bounds)."""
+    pytest.importorskip("triton.experimental.gluon")
+    report = _inspect("decode", "--mma", *(["--fp16"] if dtype == "fp16" else []))
+    usage = report.splitlines()[1]
+    assert "LOCAL:0" in usage and "STACK:0" in usage, usage
+    loop = report.split("main loop:")[1]
+    n = int(loop.split()[0])
+    ops = dict((k, int(v)) for k, v in (kv.rsplit(" ", 1) for kv in loop.splitlines()[1].strip().split(", ")))
+    assert n < 1300, report
+    assert sum(v for k, v in ops.items() if k.startswith("HMMA")) == 64, report
+    assert not any(k.startswith(("LDS.U8", "LDS.S8", "STS")) for k in ops), report

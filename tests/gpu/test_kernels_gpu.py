@@ -140,7 +140,12 @@ DECODE = [
 
 @pytest.mark.parametrize("fmt,meta,d,h,group,t", DECODE)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decode(K, fmt, meta, d, h, group, t, dtype):
+@pytest.mark.parametrize("mma", [True, False])  # the Gluon kernel where it applies / the Triton kernel only
+def test_decode(K, monkeypatch, fmt, meta, d, h, group, t, dtype, mma):
+    import importlib
+
+    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
+    monkeypatch.setattr(dmod, "MMA_DECODE", mma)
     torch.manual_seed(1)
     lens = [0, 1, 700, 3001, 130, 4096, 65]
     spec = _spec(fmt, d, h, t, meta, rotate_v=d != 256)
@@ -164,12 +169,13 @@ def test_decode(K, fmt, meta, d, h, group, t, dtype):
 @pytest.mark.parametrize("regime", ["many", "few", "tiny"])
 @pytest.mark.parametrize("fmt,t", [("saw_int4", 64), ("saw_int4", 16), ("int4", 128)])
 def test_decode_each_tile_config(K, monkeypatch, regime, fmt, t):
-    """Every tile config of kernels.decode.CONFIG, split and unsplit, whatever shape selects it
-    (the shapes that select "many" are too big for a quick reference comparison)."""
+    """Every tile config of kernels.decode.CONFIG (the Triton kernel), split and unsplit, whatever
+    shape selects it (the shapes that select "many" are too big for a quick reference comparison)."""
     import importlib
 
     dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
     monkeypatch.setattr(dmod, "tile_config", lambda *a: dmod.CONFIG[regime])
+    monkeypatch.setattr(dmod, "MMA_DECODE", False)
     torch.manual_seed(2)
     lens = [1, 700, 3001, 4096, 65, 2048]
     spec = _spec(fmt, 128, 4, t)
@@ -208,6 +214,44 @@ def test_decode_many_splits(K, d, splits, calibrated):
     got = K.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16", tf.rotation_block,
                    num_splits=splits)
     _close(got, want)
+
+
+MMA_CASES = [  # fmt, group, t, rotate_v: inside the Gluon kernel's scope (head_dim 128, G <= 8, T % 64 == 0)
+    ("saw_int4", 4, 64, True), ("saw_int4", 8, 128, False), ("int4", 1, 64, False), ("saw_int4", 3, 128, True),
+    ("int4", 6, 64, False)]
+
+
+@pytest.mark.parametrize("fmt,group,t,rotate_v", MMA_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_mma_kernel(K, monkeypatch, fmt, group, t, rotate_v, dtype):
+    """The Gluon kernel (kernels/decode_mma.py) against the reference: ragged lengths (partial tiles,
+    one token, zero), shuffled blocks, ids past each sequence that must not be read, every split
+    count from one tile per split to one split; and the dispatch really takes it."""
+    import importlib
+
+    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
+    calls = []
+    real = dmod._decode_mma
+    monkeypatch.setattr(dmod, "_decode_mma", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(dmod, "TINY_TOKEN_HEADS", 0)  # (these shapes would be "tiny")
+    torch.manual_seed(4)
+    lens = [0, 1, 63, 64, 65, 700, 3001, 4096, 129]
+    h = 4
+    spec = _spec(fmt, 128, h, t, rotate_v=rotate_v)
+    tf = _tf(spec, calibrated=fmt == "saw_int4" and group == 3)
+    nb = sum(-(-l // t) for l in lens) + 5
+    pool = _filled_pool(spec, tf, nb)
+    table = _block_table(lens, t, nb)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    q = torch.randn(len(lens), h * group, 128, device=DEV).to(dtype)
+    want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16")
+    for splits in (None, 1, 5, 10**4):
+        got = K.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16",
+                       tf.rotation_block, num_splits=splits)
+        assert got.dtype == dtype
+        assert torch.count_nonzero(got[0]) == 0
+        _close(got[1:], want[1:])
+    assert len(calls) == 4
 
 
 @pytest.mark.parametrize("rotate_v", [True, False])  # the V-rotating merge / the plain one

@@ -222,6 +222,28 @@ def test_sanitizer_decode_many_splits(K, num_splits):
     torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("fmt", ["int4", "saw_int4_v"])
+@pytest.mark.parametrize("num_splits", [None, 2, 10**4])
+def test_sanitizer_decode_mma(K, monkeypatch, fmt, num_splits):
+    """The Gluon decode kernel (kernels/decode_mma.py) over mixed lengths (0, partial tiles, several
+    blocks) with junk past each table row, fp16 queries: matches the reference, never writes the pool."""
+    dmod = K["decode_module"]
+    monkeypatch.setattr(dmod, "TINY_TOKEN_HEADS", 0)
+    spec = _spec(fmt, d=128, t=64)
+    tf = _tf(spec, calibrated=spec.rotated)
+    pool, table, lens = _small_cache_case(spec, tf, [0, 5, 300, 64])
+    assert dmod.mma_applies(4, 2, 128, 4, 64, "int4", "fp16", torch.float16, table.shape[1] * 64, 132, True)
+    q = torch.randn(4, 8, 128, device=DEV, dtype=torch.float16)
+    args = (pool, table, lens, tf.q_matrix, tf.v_matrix, 0.088, spec.storage, spec.metadata_dtype)
+    snap = pool.clone()
+    got = dmod.decode(q, *args, num_splits=num_splits)
+    torch.cuda.synchronize()
+    assert torch.equal(pool, snap)
+    want = ref.decode(q, *args)
+    assert not bool(got[0].any())
+    torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("fmt", ["int4", "bf16", "saw_int4_v"])
 def test_sanitizer_prefill_small(K, fmt):
     """Chunked prefill (queries of 0, 1, part and all of a sequence's tokens): matches the reference,
@@ -361,6 +383,33 @@ def test_nonfinite_tokens_poison_exactly_the_decode_queries_that_see_them(K, fmt
     nonfinite = ~torch.isfinite(rows).all(-1).to(DEV)
     assert bool(torch.isnan(got[nonfinite, :2]).all())
     assert bool(torch.isfinite(got[~nonfinite]).all()) and bool(torch.isfinite(got[:, 2:]).all())
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+
+
+@pytest.mark.parametrize("fmt, where", [(f, w) for f in ["int4", "saw_int4_v"] for w in ["k", "v"]])
+def test_nonfinite_tokens_poison_exactly_the_decode_queries_that_see_them_mma(K, monkeypatch, fmt, where):
+    """The same through the Gluon kernel (head_dim 128, 64-token blocks): one token per sequence."""
+    dmod = K["decode_module"]
+    monkeypatch.setattr(dmod, "TINY_TOKEN_HEADS", 0)
+    spec = _spec(fmt, d=128, t=64)
+    tf = _tf(spec)
+    rows = edge_rows(128)
+    n = rows.shape[0]
+    k = torch.randn(n, 2, 128)
+    v = torch.randn(n, 2, 128)
+    (k if where == "k" else v)[:, 0] = rows
+    pool = torch.zeros(spec.pool_shape(n), dtype=torch.uint8, device=DEV)
+    ref.append(pool, k.to(DEV), v.to(DEV), torch.arange(n, device=DEV) * 64, tf.k_matrix, tf.k_bias, tf.v_matrix,
+               spec.storage, spec.metadata_dtype)
+    q = torch.randn(n, 8, 128, device=DEV, dtype=torch.bfloat16)
+    args = (pool, torch.arange(n, dtype=torch.int32, device=DEV)[:, None], torch.ones(n, dtype=torch.int32,
+                                                                                       device=DEV),
+            tf.q_matrix, tf.v_matrix, 0.088, spec.storage, spec.metadata_dtype)
+    assert dmod.mma_applies(n, 2, 128, 4, 64, "int4", "fp16", torch.bfloat16, 64, 132, True)
+    got, want = K["decode"](q, *args), ref.decode(q, *args)
+    nonfinite = ~torch.isfinite(rows).all(-1).to(DEV)
+    assert bool(torch.isnan(got[nonfinite, :4]).all())
+    assert bool(torch.isfinite(got[~nonfinite]).all()) and bool(torch.isfinite(got[:, 4:]).all())
     assert torch.equal(torch.isnan(got), torch.isnan(want))
 
 

@@ -1,0 +1,263 @@
+"""INT4 paged decode as a Gluon kernel: one warp per (sequence, KV head, split), S^T = K q^T.
+
+Why a second decode kernel. The Triton kernel (decode.py) computes S = q K^T with the G query heads
+as the 16-row left operand of `tl.dot`, so at G = 4 three quarters of its softmax work is padding;
+V's k dimension (tokens) is strided in memory, so its operand fragments are read byte by byte; and
+its main loop costs ~2 x 1170 warp-instructions per 64-token tile (docs/kernels.md). This kernel
+writes the layouts by hand (Gluon, Triton's explicit-layout dialect; sm_80+ `mma.sync`):
+
+* S^T [64 tokens, 8] = K [64, D] @ q^T [D, 8]: the tokens are the MMA's M (16-row) side and the
+  query heads its N (8) side, so G <= 8 heads are padded to 8, not 16. O^T [D, 8] = V^T @ P^T.
+* The contraction dimensions can be relabelled freely (the same permutation on both operands),
+  and the output channels too (undone by the final store). So each thread loads its operand
+  bytes as long contiguous runs -- K: 16 bytes of one token row; V: 8 bytes of one token row, for
+  a pair of tokens -- and the relabelling (`_k_logical`, `_v_logical`, `_p_logical`: reshapes and
+  permutes of bit dimensions) makes those registers exactly the MMA operand layouts. No byte-wise
+  shared-memory reads, no layout conversions through shared memory.
+* Dequantization is folded as in decode.py (codes are exact in bf16/fp16, `offset` cancels):
+      s_t = sc_t * (q . (c_t + off)) + (mn_t - off * sc_t) * sum(q)
+      o   = (p*sc rounded) @ (c + off) - off * sum(p*sc rounded) + p . mn
+* Loads: K/V code tiles and per-token metadata go global -> shared by `cp.async` in STAGES
+  buffers, issued STAGES - 1 tiles ahead; each tile's block id is read when the tile is issued.
+
+Compiled for sm_90 it is ~1190 warp-instructions per 64-token tile at 138-148 registers (the Triton
+kernel: 2 warps x ~1170). Scope: INT4 codes, head_dim 128, G <= 8, fp16 metadata, bf16/fp16
+queries, tokens_per_block a multiple of 64. It always writes split partials (lse + normalised
+output per split), merged by decode.py's reduce kernels; the q transform runs before it
+(`_q_prep_kernel`, once per (sequence, KV head) rather than once per split).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import _transform_rows
+
+try:  # Gluon ships with triton >= 3.4; without it decode.py keeps its Triton kernel
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    HAVE_GLUON = True
+except Exception:  # pragma: no cover
+    HAVE_GLUON = False
+
+#: Tile and head sizes this kernel is written for (the layouts below spell them out).
+BLOCK_N = 64
+HEAD_DIM = 128
+MAX_GROUP = 8
+
+
+def _unpack_asm(magic: int) -> str:
+    """PTX: four code bytes ($4) -> eight 16-bit values magic | nibble (lo nibbles $0/$1, hi $2/$3),
+    the bytes in order (the same block as _common._unpack_asm)."""
+    m = f"0x{magic:04X}{magic:04X}"
+    return f"""{{
+        .reg .b32 t0, t1;
+        prmt.b32 t0, $4, 0, 0x4140;
+        prmt.b32 t1, $4, 0, 0x4342;
+        lop3.b32 $0, t0, 0x000F000F, {m}, 0xEA;
+        lop3.b32 $1, t1, 0x000F000F, {m}, 0xEA;
+        shr.u32 t0, t0, 4;
+        shr.u32 t1, t1, 4;
+        lop3.b32 $2, t0, 0x000F000F, {m}, 0xEA;
+        lop3.b32 $3, t1, 0x000F000F, {m}, 0xEA;
+        }}"""
+
+
+@triton.jit
+def _q_prep_kernel(q_ptr, qm_ptr, out_ptr, stride_qb, stride_qh, G: tl.constexpr, GP: tl.constexpr,
+                   D: tl.constexpr, Q_CHUNK: tl.constexpr, PREC: tl.constexpr, HB: tl.constexpr):
+    """q @ q_matrix[h]^T for the G heads of KV head h, fp32 [B, Hq, D]; grid (B, Hkv). HB > 0: the
+    matrix in block-Hadamard form (only its D diagonal factors are read, not 64 KB per program)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    HALF: tl.constexpr = D // 2
+    g = tl.arange(0, GP)
+    gmask = g < G
+    qrow = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh
+    q_lo, q_hi = _transform_rows(qrow, gmask, qm_ptr + h * D * D, True, D, Q_CHUNK, PREC, HB)
+    op = out_ptr + (b.to(tl.int64) * tl.num_programs(1) * G + h * G + g)[:, None] * D + tl.arange(0, HALF)[None, :]
+    tl.store(op, q_lo, mask=gmask[:, None])
+    tl.store(op + HALF, q_hi, mask=gmask[:, None])
+
+
+if HAVE_GLUON:
+    def _linear(reg, lane, shape):
+        return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=lane, warp_bases=[], block_bases=[], shape=shape)
+
+    _UNPACK_BF16 = gl.constexpr(_unpack_asm(0x4300))  # bf16 128 + n
+    _UNPACK_FP16 = gl.constexpr(_unpack_asm(0x6400))  # fp16 1024 + n
+    # one warp: the m16n8k16 accumulator and its operands
+    MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
+    OP_A = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
+    OP_B = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
+    # K code bytes [token, byte j]: 16 contiguous bytes of a row per thread (bytes 16 x lane%4),
+    # tokens lane/4 + 8 i: after _k_logical, OP_A's layout up to the order of registers
+    K_BYTES = gl.constexpr(_linear([[0, 1], [0, 2], [0, 4], [0, 8], [8, 0], [16, 0], [32, 0]],
+                                   [[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]], [64, 64]))
+    # V code bytes [token, byte j]: 8 contiguous bytes per thread (bytes 8 x (lane/4)), tokens
+    # t = lane%4 + {0, 8} + 4 i (a token pair t, t + 8 in one thread)
+    V_BYTES = gl.constexpr(_linear([[0, 1], [0, 2], [0, 4], [8, 0], [4, 0], [16, 0], [32, 0]],
+                                   [[1, 0], [2, 0], [0, 8], [0, 16], [0, 32]], [64, 64]))
+    # V^T [channel, token] after _v_logical, registers ordered for the unpack (token pair first, so
+    # that one 16-bit pair of the unpacked output is (token t, token t + 8) of one channel)
+    VT_UNPACK = gl.constexpr(_linear([[0, 1], [8, 0], [16, 0], [32, 0], [0, 8], [0, 16], [0, 32]],
+                                     [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]], [64, 64]))
+    ROWS = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+    FLAT = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
+    COPY_CODES = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[8, 4], warps_per_cta=[1, 1],
+                                               order=[1, 0]))
+    COPY_META = gl.constexpr(gl.BlockedLayout(size_per_thread=[2], threads_per_warp=[32], warps_per_cta=[1],
+                                              order=[0]))
+
+    @gluon.jit
+    def _unpack(c, FP16: gl.constexpr):
+        """uint8 codes -> (lo, hi) nibbles as 16-bit 128 + n (bf16) or 1024 + n (fp16)."""
+        if FP16:
+            return gl.inline_asm_elementwise(asm=_UNPACK_FP16, constraints="=r,=r,=r,=r,r", args=[c],
+                                             dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
+        else:
+            return gl.inline_asm_elementwise(asm=_UNPACK_BF16, constraints="=r,=r,=r,=r,r", args=[c],
+                                             dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
+
+    @gluon.jit
+    def _k_logical(x):
+        """[token, byte j] -> [token, k]: channel k of the product is byte
+        j = k0 | k3 << 1 | k4 << 2 | k5 << 3 | k1 << 4 | k2 << 5 (k_i: bit i of k)."""
+        x = gl.reshape(x, [64, 2, 2, 2, 2, 2, 2])
+        x = gl.permute(x, [0, 3, 4, 5, 1, 2, 6])
+        return gl.reshape(x, [64, 64])
+
+    @gluon.jit
+    def _v_logical(x):
+        """[token t, byte j] -> [m, k]: output channel m is byte j = m3 | m4 << 1 | m5 << 2 | m0 << 3 |
+        m1 << 4 | m2 << 5, product token k is t = k1 | k2 << 1 | k3 << 2 | k0 << 3 | k4 << 4 | k5 << 5."""
+        x = gl.permute(x, [1, 0])
+        x = gl.reshape(x, [2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2])
+        x = gl.permute(x, [3, 4, 5, 0, 1, 2, 6, 7, 9, 10, 11, 8])
+        return gl.reshape(x, [64, 64])
+
+    @gluon.jit
+    def _p_logical(p):
+        """[token t, head] -> [k, head] in _v_logical's token order."""
+        p = gl.reshape(p, [2, 2, 2, 2, 2, 2, 8])
+        p = gl.permute(p, [0, 1, 3, 4, 5, 2, 6])
+        return gl.reshape(p, [64, 8])
+
+    @gluon.jit
+    def _issue_tile(pool_ptr, poolh_ptr, bt_row, tile, seq_len, live, kbuf, vbuf, ks_buf, km_buf, vs_buf, vm_buf, h,
+                    H: gl.constexpr, T: gl.constexpr, R: gl.constexpr):
+        """cp.async of tile `tile` (64 tokens) of KV head h into one stage of the buffers; nothing
+        is read when not `live` (the buffers get zeros). Tokens past seq_len: zero codes; their
+        metadata words are copied (inside the block) and zeroed in registers by the caller."""
+        blk = gl.load(bt_row + (tile * 64) // T, mask=live, other=0).to(gl.int64)
+        row0 = (tile * 64) % T
+        kbase = (blk * 2 * H + h) * R
+        tok = gl.arange(0, 64, layout=gl.SliceLayout(1, COPY_CODES))
+        byt = gl.arange(0, 64, layout=gl.SliceLayout(0, COPY_CODES))
+        tmask = ((tile * 64 + tok < seq_len) & live)[:, None]
+        off = kbase + (row0 + tok)[:, None] * 64 + byt[None, :]
+        cp.async_copy_global_to_shared(kbuf, pool_ptr + off, mask=tmask)
+        cp.async_copy_global_to_shared(vbuf, pool_ptr + off + H * R, mask=tmask)
+        c = gl.arange(0, 64, layout=COPY_META)
+        mmask = (c >= 0) & live  # per tile: a per-token mask would split the 4-byte copies
+        mp = poolh_ptr + gl.multiple_of(kbase // 2 + T * 32 + row0, 8) + c  # fp16 scales, then mins
+        cp.async_copy_global_to_shared(ks_buf, mp, mask=mmask)
+        cp.async_copy_global_to_shared(km_buf, mp + T, mask=mmask)
+        cp.async_copy_global_to_shared(vs_buf, mp + H * R // 2, mask=mmask)
+        cp.async_copy_global_to_shared(vm_buf, mp + H * R // 2 + T, mask=mmask)
+
+    @gluon.jit
+    def _decode_mma_kernel(q_ptr, pool_ptr, poolh_ptr, bt_ptr, sl_ptr, po_ptr, pl_ptr,
+                           stride_qb, stride_qh, stride_bt, qk_scale, tiles_per_split,
+                           H: gl.constexpr, G: gl.constexpr, T: gl.constexpr, R: gl.constexpr,
+                           FP16: gl.constexpr, STAGES: gl.constexpr):
+        """Grid (B, Hkv, S), one warp. q: [B, Hq, 128] (fp32 from _q_prep_kernel, or the queries);
+        writes the split's lse (log2) and normalised output into pl [B, Hkv, S, 8] / po [.., 8, 128]."""
+        DT: gl.constexpr = gl.float16 if FP16 else gl.bfloat16
+        OFF: gl.constexpr = 1024.0 if FP16 else 128.0
+        b = gl.program_id(0)
+        h = gl.program_id(1)
+        sp = gl.program_id(2)
+        seq_len = gl.load(sl_ptr + b)
+        bt_row = bt_ptr + b.to(gl.int64) * stride_bt
+
+        # q^T [k, head] in K's channel order (_k_logical), rounded once: the same values enter the
+        # product and sum(q), so the code offset cancels exactly
+        k = gl.arange(0, 64, layout=gl.SliceLayout(1, OP_B))
+        n = gl.arange(0, 8, layout=gl.SliceLayout(0, OP_B))
+        j = (k & 1) | (((k >> 3) & 7) << 1) | (((k >> 1) & 3) << 4)
+        qp = q_ptr + b.to(gl.int64) * stride_qb + (h * G + n)[None, :] * stride_qh + j[:, None]
+        q_lo = (gl.load(qp, mask=(n < G)[None, :], other=0.0).to(gl.float32) * qk_scale).to(DT)
+        q_hi = (gl.load(qp + 64, mask=(n < G)[None, :], other=0.0).to(gl.float32) * qk_scale).to(DT)
+        qsum = gl.convert_layout(gl.sum(q_lo.to(gl.float32), 0) + gl.sum(q_hi.to(gl.float32), 0),
+                                 gl.SliceLayout(0, MMA))
+
+        kbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, 64, 64], ROWS)
+        vbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, 64, 64], ROWS)
+        ks_buf = gl.allocate_shared_memory(gl.float16, [STAGES, 64], FLAT)
+        km_buf = gl.allocate_shared_memory(gl.float16, [STAGES, 64], FLAT)
+        vs_buf = gl.allocate_shared_memory(gl.float16, [STAGES, 64], FLAT)
+        vm_buf = gl.allocate_shared_memory(gl.float16, [STAGES, 64], FLAT)
+
+        t0 = sp * tiles_per_split
+        nt = gl.maximum(gl.minimum(t0 + tiles_per_split, gl.cdiv(seq_len, 64)) - t0, 0)
+        for i in gl.static_range(STAGES - 1):
+            _issue_tile(pool_ptr, poolh_ptr, bt_row, t0 + i, seq_len, i < nt, kbuf.index(i), vbuf.index(i),
+                        ks_buf.index(i), km_buf.index(i), vs_buf.index(i), vm_buf.index(i), h, H, T, R)
+            cp.commit_group()
+
+        m_i = gl.full([8], float("-inf"), gl.float32, layout=gl.SliceLayout(0, MMA))
+        l_i = gl.zeros([8], gl.float32, layout=gl.SliceLayout(0, MMA))
+        acc_lo = gl.zeros([64, 8], gl.float32, layout=MMA)  # O^T, channels 0..63 (in _v_logical's order)
+        acc_hi = gl.zeros([64, 8], gl.float32, layout=MMA)  # channels 64..127
+        trow = gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
+        for i in range(nt):
+            cp.wait_group(STAGES - 2)
+            gl.thread_barrier()  # every lane's copies of tile i landed; stage (i-1) % STAGES is free
+            nxt = i + STAGES - 1
+            ns = nxt % STAGES
+            _issue_tile(pool_ptr, poolh_ptr, bt_row, t0 + nxt, seq_len, nxt < nt, kbuf.index(ns), vbuf.index(ns),
+                        ks_buf.index(ns), km_buf.index(ns), vs_buf.index(ns), vm_buf.index(ns), h, H, T, R)
+            cp.commit_group()
+            st = i % STAGES
+
+            k_lo, k_hi = _unpack(_k_logical(kbuf.index(st).load(K_BYTES)), FP16)
+            s = mma_v2(gl.convert_layout(k_lo, OP_A), q_lo, gl.zeros([64, 8], gl.float32, layout=MMA))
+            s = mma_v2(gl.convert_layout(k_hi, OP_A), q_hi, s)
+            live = (t0 + i) * 64 + trow < seq_len
+            ks = ks_buf.index(st).load(gl.SliceLayout(1, MMA)).to(gl.float32)
+            km = km_buf.index(st).load(gl.SliceLayout(1, MMA)).to(gl.float32)
+            vs = gl.where(live, vs_buf.index(st).load(gl.SliceLayout(1, MMA)).to(gl.float32), 0.0)
+            vm = gl.where(live, vm_buf.index(st).load(gl.SliceLayout(1, MMA)).to(gl.float32), 0.0)
+            s = s * ks[:, None] + (km - OFF * ks)[:, None] * qsum[None, :]
+            s = gl.where(live[:, None], s, float("-inf"))
+
+            m_new = gl.maximum(m_i, gl.max(s, 0))
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - m_new[None, :])
+            l_i = l_i * alpha + gl.sum(p, 0)
+            pd = (p * vs[:, None]).to(DT)
+            pm = gl.sum(p * vm[:, None] - OFF * pd.to(gl.float32), 0)
+            acc_lo = acc_lo * alpha[None, :] + pm[None, :]
+            acc_hi = acc_hi * alpha[None, :] + pm[None, :]
+            pt = gl.convert_layout(_p_logical(pd), OP_B)
+            v_lo, v_hi = _unpack(gl.convert_layout(_v_logical(vbuf.index(st).load(V_BYTES)), VT_UNPACK), FP16)
+            acc_lo = mma_v2(gl.convert_layout(v_lo, OP_A), pt, acc_lo)
+            acc_hi = mma_v2(gl.convert_layout(v_hi, OP_A), pt, acc_hi)
+            m_i = m_new
+        cp.wait_group(0)
+
+        nz = l_i > 0
+        inv = gl.where(nz, 1.0 / gl.where(nz, l_i, 1.0), 0.0)
+        lse = gl.where(nz, m_i + gl.log2(gl.where(nz, l_i, 1.0)), float("-inf"))
+        g = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
+        idx = ((b * H + h) * gl.num_programs(2) + sp).to(gl.int64)
+        gl.store(pl_ptr + idx * 8 + g, lse, mask=g < G)
+        m = gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
+        ch = (m >> 3) | ((m & 7) << 3)  # _v_logical's channel order
+        pp = po_ptr + (idx * 8 + g)[None, :] * 128 + ch[:, None]
+        gl.store(pp, acc_lo * inv[None, :], mask=(g < G)[None, :])
+        gl.store(pp + 64, acc_hi * inv[None, :], mask=(g < G)[None, :])

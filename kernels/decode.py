@@ -314,9 +314,14 @@ ONE_TILE_EARLY_LOADS = True
 #: INT4 decode through the Gluon kernel of kernels/decode_mma.py wherever it applies (mma_applies);
 #: False: the Triton kernel everywhere (an A/B switch). Its splits: aim at `waves` x SMs one-warp
 #: programs of at least `min_tiles_per_split` tiles; `stages`: cp.async buffers (2 keeps more programs
-#: resident than 3: session 7 measured 2 faster at every shape).
+#: resident than 3: session 7 measured 2 faster at every shape). Session 7 (scripts/ab_decode_knobs.py):
+#: 4-tile splits took 1 x 16k / 8 x 2k from 18.5 / 17.5 to 16.5 / 14.5 us (saw_int4); 8 waves were
+#: slower from 8 x 32k up.
 MMA_DECODE = True
-MMA_CONFIG = {"stages": 2, "waves": 16, "min_tiles_per_split": 8}
+#: The Gluon kernel in the "tiny" regime too: 2-3x slower there (session 7: 1 x 1k 17 us against 7.8),
+#: so off.
+MMA_IN_TINY = False
+MMA_CONFIG = {"stages": 2, "waves": 16, "min_tiles_per_split": 4}
 
 #: Largest batch x KV heads x max_tokens of the "tiny" regime (1 x 8k or 8 x 1k at 8 KV heads).
 TINY_TOKEN_HEADS = 65536
@@ -370,11 +375,12 @@ def mma_applies(batch: int, kv_heads: int, head_dim: int, group: int, tokens_per
     return (MMA_DECODE and decode_mma.HAVE_GLUON and on_gpu and storage == "int4"
             and head_dim == decode_mma.HEAD_DIM and group <= decode_mma.MAX_GROUP and meta_dtype == "fp16"
             and query_dtype in (torch.bfloat16, torch.float16) and tokens_per_block % decode_mma.BLOCK_N == 0
-            and regime_of(batch, kv_heads, head_dim, max_tokens, num_sms) != "tiny")
+            and (MMA_IN_TINY or regime_of(batch, kv_heads, head_dim, max_tokens, num_sms) != "tiny"))
 
 
 def _decode_mma(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, rotation_block, num_splits, t, out):
-    """decode() through the Gluon kernel: q transform (when rotated), split kernel, merge."""
+    """decode() through the Gluon kernel (which also applies a q_matrix in block-Hadamard form), then
+    the merge."""
     bsz, hq, d = query.shape
     h = pool.shape[2]
     g = hq // h
@@ -387,19 +393,21 @@ def _decode_mma(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, r
         splits = triton.cdiv(max_tiles, tps)
     if v_matrix is not None:
         splits = max(splits, 2)  # (the V-rotating merge; an empty split is harmless)
-    q = query
-    if q_matrix is not None:
+    q, qm, hb = query, seq_lens, 0  # (seq_lens: a placeholder pointer when there is no matrix)
+    if q_matrix is not None and rotation_block > 0:  # applied inside the kernel: butterflies over D values
+        qm, hb = q_matrix.contiguous(), rotation_block
+    elif q_matrix is not None:  # a dense matrix: one small kernel before, once per (sequence, KV head)
         q = torch.empty((bsz, hq, d), dtype=torch.float32, device=query.device)
         decode_mma._q_prep_kernel[(bsz, h)](query, q_matrix.contiguous(), q, query.stride(0), query.stride(1),
                                             G=g, GP=max(16, triton.next_power_of_2(g)), D=d, Q_CHUNK=16, PREC=1,
-                                            HB=rotation_block, num_warps=2)
+                                            HB=0, num_warps=2)
     gp = decode_mma.MAX_GROUP
     po = torch.empty((bsz, h, splits, gp, d), dtype=torch.float32, device=query.device)
     pl = torch.empty((bsz, h, splits, gp), dtype=torch.float32, device=query.device)
     decode_mma._decode_mma_kernel[(bsz, h, splits)](
-        q, pool, pool.view(torch.float16), block_table, seq_lens, po, pl, q.stride(0), q.stride(1),
+        q, qm, pool, pool.view(torch.float16), block_table, seq_lens, po, pl, q.stride(0), q.stride(1),
         block_table.stride(0), float(scale) * LOG2E, tps,
-        H=h, G=g, T=t, R=pool.shape[-1], FP16=query.dtype == torch.float16, STAGES=MMA_CONFIG["stages"],
+        H=h, G=g, T=t, R=pool.shape[-1], FP16=query.dtype == torch.float16, STAGES=MMA_CONFIG["stages"], HB=hb,
         num_warps=1)
     _merge_splits(po, pl, out, v_matrix, splits, g, gp, d, rotation_block, prec=1)
     return out

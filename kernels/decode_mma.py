@@ -20,11 +20,12 @@ writes the layouts by hand (Gluon, Triton's explicit-layout dialect; sm_80+ `mma
 * Loads: K/V code tiles and per-token metadata go global -> shared by `cp.async` in STAGES
   buffers, issued STAGES - 1 tiles ahead; each tile's block id is read when the tile is issued.
 
-Compiled for sm_90 it is ~1190 warp-instructions per 64-token tile at 138-148 registers (the Triton
+Compiled for sm_90 it is ~1175 warp-instructions per 64-token tile at 146 registers (the Triton
 kernel: 2 warps x ~1170). Scope: INT4 codes, head_dim 128, G <= 8, fp16 metadata, bf16/fp16
 queries, tokens_per_block a multiple of 64. It always writes split partials (lse + normalised
-output per split), merged by decode.py's reduce kernels; the q transform runs before it
-(`_q_prep_kernel`, once per (sequence, KV head) rather than once per split).
+output per split), merged by decode.py's reduce kernels. A q_matrix in block-Hadamard form (the
+cache's) is applied inside it by butterflies over its D diagonal factors (`_rotated_q`); a dense one
+by `_q_prep_kernel` before it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,29 @@ except Exception:  # pragma: no cover
 BLOCK_N = 64
 HEAD_DIM = 128
 MAX_GROUP = 8
+
+
+# The relabellings, as permutations of bit dimensions (most significant first; tests check them
+# against the index formulas below and the byte orders they stand for, in plain PyTorch).
+#: K [token, byte j5..j0] -> [token, k5..k0] with k5..k0 = j3, j2, j1, j5, j4, j0
+K_BITS_PERM = (0, 3, 4, 5, 1, 2, 6)
+#: V^T [byte j5..j0, token t5..t0] -> [m5..m0, k5..k0] with m5..m0 = j2, j1, j0, j5, j4, j3 and
+#: k5..k0 = t5, t4, t2, t1, t0, t3
+V_BITS_PERM = (3, 4, 5, 0, 1, 2, 6, 7, 9, 10, 11, 8)
+#: P [token t5..t0, head] -> [k5..k0, head] in V_BITS_PERM's token order
+P_BITS_PERM = (0, 1, 3, 4, 5, 2, 6)
+#: q [head, half, byte j5..j0] -> [k5..k0, head, half] in K_BITS_PERM's channel order
+Q_BITS_PERM = (4, 5, 6, 2, 3, 7, 0, 1)
+
+
+def k_channel_byte(k):
+    """The byte (channel of a half) that product channel k of K's relabelling reads."""
+    return (k & 1) | (((k >> 3) & 7) << 1) | (((k >> 1) & 3) << 4)
+
+
+def v_channel_byte(m):
+    """The byte (output channel of a half) of row m of V's relabelled product."""
+    return (m >> 3) | ((m & 7) << 3)
 
 
 def _unpack_asm(magic: int) -> str:
@@ -87,6 +111,10 @@ if HAVE_GLUON:
     def _linear(reg, lane, shape):
         return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=lane, warp_bases=[], block_bases=[], shape=shape)
 
+    _K_PERM = gl.constexpr(list(K_BITS_PERM))
+    _V_PERM = gl.constexpr(list(V_BITS_PERM))
+    _P_PERM = gl.constexpr(list(P_BITS_PERM))
+    _Q_PERM = gl.constexpr(list(Q_BITS_PERM))
     _UNPACK_BF16 = gl.constexpr(_unpack_asm(0x4300))  # bf16 128 + n
     _UNPACK_FP16 = gl.constexpr(_unpack_asm(0x6400))  # fp16 1024 + n
     # one warp: the m16n8k16 accumulator and its operands
@@ -105,6 +133,12 @@ if HAVE_GLUON:
     # that one 16-bit pair of the unpacked output is (token t, token t + 8) of one channel)
     VT_UNPACK = gl.constexpr(_linear([[0, 1], [8, 0], [16, 0], [32, 0], [0, 8], [0, 16], [0, 32]],
                                      [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]], [64, 64]))
+    # q rows [8 heads, 128 channels] for the Walsh-Hadamard butterflies: channel bits 0-4 in registers,
+    # then (Q_HI_BITS) bits 5-6 in registers
+    Q_LO_BITS = gl.constexpr(_linear([[0, 1], [0, 2], [0, 4], [0, 8], [0, 16]],
+                                     [[0, 32], [0, 64], [1, 0], [2, 0], [4, 0]], [8, 128]))
+    Q_HI_BITS = gl.constexpr(_linear([[0, 32], [0, 64], [0, 1], [0, 2], [0, 4]],
+                                     [[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]], [8, 128]))
     ROWS = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
     FLAT = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
     COPY_CODES = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[8, 4], warps_per_cta=[1, 1],
@@ -127,7 +161,7 @@ if HAVE_GLUON:
         """[token, byte j] -> [token, k]: channel k of the product is byte
         j = k0 | k3 << 1 | k4 << 2 | k5 << 3 | k1 << 4 | k2 << 5 (k_i: bit i of k)."""
         x = gl.reshape(x, [64, 2, 2, 2, 2, 2, 2])
-        x = gl.permute(x, [0, 3, 4, 5, 1, 2, 6])
+        x = gl.permute(x, _K_PERM.value)
         return gl.reshape(x, [64, 64])
 
     @gluon.jit
@@ -136,15 +170,62 @@ if HAVE_GLUON:
         m1 << 4 | m2 << 5, product token k is t = k1 | k2 << 1 | k3 << 2 | k0 << 3 | k4 << 4 | k5 << 5."""
         x = gl.permute(x, [1, 0])
         x = gl.reshape(x, [2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2])
-        x = gl.permute(x, [3, 4, 5, 0, 1, 2, 6, 7, 9, 10, 11, 8])
+        x = gl.permute(x, _V_PERM.value)
         return gl.reshape(x, [64, 64])
 
     @gluon.jit
     def _p_logical(p):
         """[token t, head] -> [k, head] in _v_logical's token order."""
         p = gl.reshape(p, [2, 2, 2, 2, 2, 2, 8])
-        p = gl.permute(p, [0, 1, 3, 4, 5, 2, 6])
+        p = gl.permute(p, _P_PERM.value)
         return gl.reshape(p, [64, 8])
+
+    @gluon.jit
+    def _k_channel_byte(k):
+        return (k & 1) | (((k >> 3) & 7) << 1) | (((k >> 1) & 3) << 4)  # = k_channel_byte
+
+    @gluon.jit
+    def _v_channel_byte(m):
+        return (m >> 3) | ((m & 7) << 3)  # = v_channel_byte
+
+    @gluon.jit
+    def _butterfly(x, B: gl.constexpr):
+        """One Walsh-Hadamard stage on channel bit B of x [8, 128] (bit B held in registers):
+        (a, c) -> (a + c, a - c) for the channel pairs that differ in bit B."""
+        x = gl.permute(gl.reshape(x, [8, 128 >> (B + 1), 2, 1 << B]), [0, 1, 3, 2])
+        a, c = gl.split(x)
+        x = gl.permute(gl.join(a + c, a - c), [0, 1, 3, 2])
+        return gl.reshape(x, [8, 128])
+
+    @gluon.jit
+    def _rotated_q(q_ptr, qm_ptr, b, h, stride_qb, stride_qh, G: gl.constexpr, HB: gl.constexpr):
+        """q @ q_matrix[h]^T for M = S diag(d) in block-Hadamard form (hadamard.block_hadamard_form):
+        (q * d) through log2(HB) butterfly stages of the Sylvester blocks S_HB, in fp32. Only d (128
+        values) is read; [8, 128] fp32, rows >= G zero."""
+        n = gl.arange(0, 8, layout=gl.SliceLayout(1, Q_LO_BITS))
+        c = gl.arange(0, 128, layout=gl.SliceLayout(0, Q_LO_BITS))
+        x = gl.load(q_ptr + b.to(gl.int64) * stride_qb + (h * G + n)[:, None] * stride_qh + c[None, :],
+                    mask=(n < G)[:, None], other=0.0).to(gl.float32)
+        x = x * gl.load(qm_ptr + h * 128 * 128 + ((c // HB) * HB) * 128 + c)[None, :]
+        for bit in gl.static_range(5):
+            if (1 << bit) < HB:
+                x = _butterfly(x, bit)
+        if HB > 32:
+            x = gl.convert_layout(x, Q_HI_BITS)
+            for bit in gl.static_range(5, 7):
+                if (1 << bit) < HB:
+                    x = _butterfly(x, bit)
+        return x
+
+    @gluon.jit
+    def _q_operands(x, DT: gl.constexpr):
+        """q rows [8, 128] fp32 -> (q_lo, q_hi) [64, 8] in DT as the B operand of K's product, in
+        _k_logical's channel order (k5..k0 = j3, j2, j1, j5, j4, j0 of the byte j)."""
+        x = gl.convert_layout(x, Q_HI_BITS)  # the half (channel bit 6) in registers, for the split
+        x = gl.reshape(x, [8, 2, 2, 2, 2, 2, 2, 2])  # head, half, j5..j0
+        x = gl.permute(x, _Q_PERM.value)
+        q_lo, q_hi = gl.split(gl.reshape(x, [64, 8, 2]))
+        return gl.convert_layout(q_lo.to(DT), OP_B), gl.convert_layout(q_hi.to(DT), OP_B)
 
     @gluon.jit
     def _issue_tile(pool_ptr, poolh_ptr, bt_row, tile, seq_len, live, kbuf, vbuf, ks_buf, km_buf, vs_buf, vm_buf, h,
@@ -170,12 +251,14 @@ if HAVE_GLUON:
         cp.async_copy_global_to_shared(vm_buf, mp + H * R // 2 + T, mask=mmask)
 
     @gluon.jit
-    def _decode_mma_kernel(q_ptr, pool_ptr, poolh_ptr, bt_ptr, sl_ptr, po_ptr, pl_ptr,
+    def _decode_mma_kernel(q_ptr, qm_ptr, pool_ptr, poolh_ptr, bt_ptr, sl_ptr, po_ptr, pl_ptr,
                            stride_qb, stride_qh, stride_bt, qk_scale, tiles_per_split,
                            H: gl.constexpr, G: gl.constexpr, T: gl.constexpr, R: gl.constexpr,
-                           FP16: gl.constexpr, STAGES: gl.constexpr):
-        """Grid (B, Hkv, S), one warp. q: [B, Hq, 128] (fp32 from _q_prep_kernel, or the queries);
-        writes the split's lse (log2) and normalised output into pl [B, Hkv, S, 8] / po [.., 8, 128]."""
+                           FP16: gl.constexpr, STAGES: gl.constexpr, HB: gl.constexpr = 0):
+        """Grid (B, Hkv, S), one warp. q: [B, Hq, 128] (the queries, or fp32 from _q_prep_kernel);
+        HB > 0: q_matrix (qm_ptr) in block-Hadamard form with blocks of HB, applied here after the
+        first tiles' copies are issued (so that their latency overlaps it). Writes the split's lse
+        (log2) and normalised output into pl [B, Hkv, S, 8] / po [.., 8, 128]."""
         DT: gl.constexpr = gl.float16 if FP16 else gl.bfloat16
         OFF: gl.constexpr = 1024.0 if FP16 else 128.0
         b = gl.program_id(0)
@@ -183,17 +266,6 @@ if HAVE_GLUON:
         sp = gl.program_id(2)
         seq_len = gl.load(sl_ptr + b)
         bt_row = bt_ptr + b.to(gl.int64) * stride_bt
-
-        # q^T [k, head] in K's channel order (_k_logical), rounded once: the same values enter the
-        # product and sum(q), so the code offset cancels exactly
-        k = gl.arange(0, 64, layout=gl.SliceLayout(1, OP_B))
-        n = gl.arange(0, 8, layout=gl.SliceLayout(0, OP_B))
-        j = (k & 1) | (((k >> 3) & 7) << 1) | (((k >> 1) & 3) << 4)
-        qp = q_ptr + b.to(gl.int64) * stride_qb + (h * G + n)[None, :] * stride_qh + j[:, None]
-        q_lo = (gl.load(qp, mask=(n < G)[None, :], other=0.0).to(gl.float32) * qk_scale).to(DT)
-        q_hi = (gl.load(qp + 64, mask=(n < G)[None, :], other=0.0).to(gl.float32) * qk_scale).to(DT)
-        qsum = gl.convert_layout(gl.sum(q_lo.to(gl.float32), 0) + gl.sum(q_hi.to(gl.float32), 0),
-                                 gl.SliceLayout(0, MMA))
 
         kbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, 64, 64], ROWS)
         vbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, 64, 64], ROWS)
@@ -208,6 +280,20 @@ if HAVE_GLUON:
             _issue_tile(pool_ptr, poolh_ptr, bt_row, t0 + i, seq_len, i < nt, kbuf.index(i), vbuf.index(i),
                         ks_buf.index(i), km_buf.index(i), vs_buf.index(i), vm_buf.index(i), h, H, T, R)
             cp.commit_group()
+
+        # q^T [k, head] in the B layout and K's channel order (_k_logical), rounded once: the same
+        # values enter the product and sum(q), so the code offset cancels exactly
+        if HB > 0:
+            q_lo, q_hi = _q_operands(_rotated_q(q_ptr, qm_ptr, b, h, stride_qb, stride_qh, G, HB) * qk_scale, DT)
+        else:
+            k = gl.arange(0, 64, layout=gl.SliceLayout(1, OP_B))
+            n = gl.arange(0, 8, layout=gl.SliceLayout(0, OP_B))
+            j = _k_channel_byte(k)
+            qp = q_ptr + b.to(gl.int64) * stride_qb + (h * G + n)[None, :] * stride_qh + j[:, None]
+            q_lo = (gl.load(qp, mask=(n < G)[None, :], other=0.0).to(gl.float32) * qk_scale).to(DT)
+            q_hi = (gl.load(qp + 64, mask=(n < G)[None, :], other=0.0).to(gl.float32) * qk_scale).to(DT)
+        qsum = gl.convert_layout(gl.sum(q_lo.to(gl.float32), 0) + gl.sum(q_hi.to(gl.float32), 0),
+                                 gl.SliceLayout(0, MMA))
 
         m_i = gl.full([8], float("-inf"), gl.float32, layout=gl.SliceLayout(0, MMA))
         l_i = gl.zeros([8], gl.float32, layout=gl.SliceLayout(0, MMA))
@@ -257,7 +343,7 @@ if HAVE_GLUON:
         idx = ((b * H + h) * gl.num_programs(2) + sp).to(gl.int64)
         gl.store(pl_ptr + idx * 8 + g, lse, mask=g < G)
         m = gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
-        ch = (m >> 3) | ((m & 7) << 3)  # _v_logical's channel order
+        ch = _v_channel_byte(m)
         pp = po_ptr + (idx * 8 + g)[None, :] * 128 + ch[:, None]
         gl.store(pp, acc_lo * inv[None, :], mask=(g < G)[None, :])
         gl.store(pp + 64, acc_hi * inv[None, :], mask=(g < G)[None, :])

@@ -18,30 +18,30 @@ import triton.testing
 
 from trtllm_sawint4.bench import decode_case
 
-# the "tiny" regime's shapes of the bench grid
-SHAPES = [(32, 8, 128, 1, 1024), (32, 8, 128, 1, 2048), (32, 8, 128, 1, 8192), (32, 8, 128, 8, 1024),
-          (9, 3, 64, 1, 1024), (9, 3, 64, 1, 2048), (9, 3, 64, 1, 8192), (9, 3, 64, 8, 1024)]
-
-
-def _regime(name, **changes):
-    """kernels.decode.CONFIG with the entry `name` changed (applied as an override of CONFIG)."""
-    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
-    return {**dmod.CONFIG, name: {**dmod.CONFIG[name], **changes}}
+# the "tiny" regime's shapes of the bench grid, and (--shapes large) the Gluon kernel's (head_dim 128)
+SHAPES = {"tiny": [(32, 8, 128, 1, 1024), (32, 8, 128, 1, 2048), (32, 8, 128, 1, 8192), (32, 8, 128, 8, 1024),
+                   (9, 3, 64, 1, 1024), (9, 3, 64, 1, 2048), (9, 3, 64, 1, 8192), (9, 3, 64, 8, 1024)],
+          "large": [(32, 8, 128, 1, 16384), (32, 8, 128, 1, 32768), (32, 8, 128, 8, 2048), (32, 8, 128, 8, 32768),
+                    (32, 8, 128, 32, 8192), (32, 8, 128, 64, 2048), (32, 8, 128, 64, 8192),
+                    (32, 8, 128, 64, 32768), (64, 8, 128, 64, 8192), (32, 8, 128, 128, 32768)]}
 
 
 #: name -> {attribute of kernels.decode: value}. Session 6 also measured (docs/kernels.md): the
 #: merge's old tile (REDUCE_TILE_ELEMS 4096), the "tiny" bound raised to 16k, "tiny" with 1 and 2
-#: waves of 2-tile splits, and "few" with 8 waves or 4 warps.
+#: waves of 2-tile splits, and "few" with 8 waves or 4 warps (CONFIG overrides).
 VARIANTS = {
     "current": {},
-    "loop only": {"ONE_TILE_EARLY_LOADS": False},
-    "tiny wv8": {"CONFIG": _regime("tiny", waves=8)},
+    "mma off": {"MMA_DECODE": False},
+    "mma in tiny": {"MMA_IN_TINY": True},
+    "mma wv8": {"MMA_CONFIG": {"stages": 2, "waves": 8, "min_tiles_per_split": 8}},
+    "mma wv32 mt4": {"MMA_CONFIG": {"stages": 2, "waves": 32, "min_tiles_per_split": 4}},
 }
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rep-ms", type=float, default=10.0)
+    ap.add_argument("--shapes", default="tiny", help="tiny, large or all")
     args = ap.parse_args()
     dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
 
@@ -49,7 +49,8 @@ def main():
         return triton.testing.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median") * 1e3
 
     print("shape | sdpa | " + " | ".join(f"{v} int4 / saw_int4" for v in VARIANTS))
-    for hq, hkv, d, b, ctx in SHAPES:
+    shapes = SHAPES["tiny"] + SHAPES["large"] if args.shapes == "all" else SHAPES[args.shapes]
+    for hq, hkv, d, b, ctx in shapes:
         c = decode_case(hq, hkv, d, b, ctx)
         sdpa = timed(lambda: F.scaled_dot_product_attention(c.q.unsqueeze(2), c.k, c.v, scale=d ** -0.5,
                                                             enable_gqa=True))

@@ -67,17 +67,19 @@ def _compile_split_decode(args, one_tile: bool):
 
 
 def _compile_mma_decode(args, fp16: bool):
-    """The Gluon decode kernel (kernels/decode_mma.py; one warp, 2 buffers by default) for sm_90."""
+    """The Gluon decode kernel (kernels/decode_mma.py; one warp, 2 buffers by default, the q rotation
+    in block-Hadamard form of blocks of 128 unless --rotation-block says otherwise; 0: none) for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from trtllm_sawint4.kernels import decode_mma
 
-    ptrs = dict(q_ptr="*fp32", pool_ptr="*u8", poolh_ptr="*fp16", bt_ptr="*i32", sl_ptr="*i32", po_ptr="*fp32",
+    ptrs = dict(q_ptr="*bf16", qm_ptr="*fp32", pool_ptr="*u8", poolh_ptr="*fp16", bt_ptr="*i32", sl_ptr="*i32", po_ptr="*fp32",
                 pl_ptr="*fp32")
     scalars = dict(stride_qb="i32", stride_qh="i32", stride_bt="i32", qk_scale="fp32", tiles_per_split="i32")
-    constexprs = dict(H=8, G=4, T=64, R=64 * (64 + 4), FP16=fp16, STAGES=args.stages or 2)
+    constexprs = dict(H=8, G=4, T=64, R=64 * (64 + 4), FP16=fp16, STAGES=args.stages or 2,
+                      HB=128 if args.rotation_block is None else args.rotation_block)
     src = GluonASTSource(fn=decode_mma._decode_mma_kernel, signature={**ptrs, **scalars,
                                                                       **{k: "constexpr" for k in constexprs}},
                          constexprs=constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))})

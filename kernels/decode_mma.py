@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import _transform_rows
+from ._common import _UNPACK_BF16 as _TL_UNPACK_BF16, _UNPACK_FP16 as _TL_UNPACK_FP16, _transform_rows
 
 try:  # Gluon ships with triton >= 3.4; without it decode.py keeps its Triton kernel
     from triton.experimental import gluon
@@ -73,23 +73,6 @@ def v_channel_byte(m):
     return (m >> 3) | ((m & 7) << 3)
 
 
-def _unpack_asm(magic: int) -> str:
-    """PTX: four code bytes ($4) -> eight 16-bit values magic | nibble (lo nibbles $0/$1, hi $2/$3),
-    the bytes in order (the same block as _common._unpack_asm)."""
-    m = f"0x{magic:04X}{magic:04X}"
-    return f"""{{
-        .reg .b32 t0, t1;
-        prmt.b32 t0, $4, 0, 0x4140;
-        prmt.b32 t1, $4, 0, 0x4342;
-        lop3.b32 $0, t0, 0x000F000F, {m}, 0xEA;
-        lop3.b32 $1, t1, 0x000F000F, {m}, 0xEA;
-        shr.u32 t0, t0, 4;
-        shr.u32 t1, t1, 4;
-        lop3.b32 $2, t0, 0x000F000F, {m}, 0xEA;
-        lop3.b32 $3, t1, 0x000F000F, {m}, 0xEA;
-        }}"""
-
-
 @triton.jit
 def _q_prep_kernel(q_ptr, qm_ptr, out_ptr, stride_qb, stride_qh, G: tl.constexpr, GP: tl.constexpr,
                    D: tl.constexpr, Q_CHUNK: tl.constexpr, PREC: tl.constexpr, HB: tl.constexpr):
@@ -115,8 +98,9 @@ if HAVE_GLUON:
     _V_PERM = gl.constexpr(list(V_BITS_PERM))
     _P_PERM = gl.constexpr(list(P_BITS_PERM))
     _Q_PERM = gl.constexpr(list(Q_BITS_PERM))
-    _UNPACK_BF16 = gl.constexpr(_unpack_asm(0x4300))  # bf16 128 + n
-    _UNPACK_FP16 = gl.constexpr(_unpack_asm(0x6400))  # fp16 1024 + n
+    # the unpacking PTX of the Triton kernels (_common._unpack_asm): bytes in order, bf16 128 + n / fp16 1024 + n
+    _UNPACK_BF16 = gl.constexpr(_TL_UNPACK_BF16.value)
+    _UNPACK_FP16 = gl.constexpr(_TL_UNPACK_FP16.value)
     # one warp: the m16n8k16 accumulator and its operands
     MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
     OP_A = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))

@@ -400,7 +400,7 @@ def _decode_mma(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, r
         q = torch.empty((bsz, hq, d), dtype=torch.float32, device=query.device)
         decode_mma._q_prep_kernel[(bsz, h)](query, q_matrix.contiguous(), q, query.stride(0), query.stride(1),
                                             G=g, GP=max(16, triton.next_power_of_2(g)), D=d, Q_CHUNK=16, PREC=1,
-                                            HB=0, num_warps=2)
+                                            num_warps=2)
     gp = decode_mma.MAX_GROUP
     po = torch.empty((bsz, h, splits, gp, d), dtype=torch.float32, device=query.device)
     pl = torch.empty((bsz, h, splits, gp), dtype=torch.float32, device=query.device)

@@ -75,16 +75,16 @@ def v_channel_byte(m):
 
 @triton.jit
 def _q_prep_kernel(q_ptr, qm_ptr, out_ptr, stride_qb, stride_qh, G: tl.constexpr, GP: tl.constexpr,
-                   D: tl.constexpr, Q_CHUNK: tl.constexpr, PREC: tl.constexpr, HB: tl.constexpr):
-    """q @ q_matrix[h]^T for the G heads of KV head h, fp32 [B, Hq, D]; grid (B, Hkv). HB > 0: the
-    matrix in block-Hadamard form (only its D diagonal factors are read, not 64 KB per program)."""
+                   D: tl.constexpr, Q_CHUNK: tl.constexpr, PREC: tl.constexpr):
+    """q @ q_matrix[h]^T for the G heads of KV head h, fp32 [B, Hq, D]; grid (B, Hkv). Only for a dense
+    matrix: one in block-Hadamard form is applied inside _decode_mma_kernel (_rotated_q)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     HALF: tl.constexpr = D // 2
     g = tl.arange(0, GP)
     gmask = g < G
     qrow = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh
-    q_lo, q_hi = _transform_rows(qrow, gmask, qm_ptr + h * D * D, True, D, Q_CHUNK, PREC, HB)
+    q_lo, q_hi = _transform_rows(qrow, gmask, qm_ptr + h * D * D, True, D, Q_CHUNK, PREC)
     op = out_ptr + (b.to(tl.int64) * tl.num_programs(1) * G + h * G + g)[:, None] * D + tl.arange(0, HALF)[None, :]
     tl.store(op, q_lo, mask=gmask[:, None])
     tl.store(op + HALF, q_hi, mask=gmask[:, None])

@@ -223,7 +223,7 @@ class PagedEngine:
                     dev = self.device
                     step = Step(self.cache, plan, self.geometry)
                     logits = forward_step(self.model, torch.tensor(ids, device=dev), torch.tensor(pos, device=dev),
-                                          step, torch.tensor(rows, device=dev))
+                                          step, torch.tensor(rows, dtype=torch.long, device=dev))
                 new = choose_tokens(logits, [s.extra.params for s in samplers], [s.extra.generator for s in samplers])
         except Exception as e:
             log.exception("engine step failed")

@@ -199,15 +199,13 @@ def profile_decode_step(engine, steps: int = 3) -> tuple[dict, list]:
             sync()
     finally:
         engine.graphs = graphs
+    from torch.autograd import DeviceType
+
     device_us = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
-    for e in prof.key_averages():
-        us = getattr(e, "self_device_time_total", None)
-        if us is None:
-            us = getattr(e, "self_cuda_time_total", 0.0)
-        if us and e.key not in ("", None) and not e.key.startswith(("cuda", "aten::", "Memcpy", "Memset")):
-            device_us[kernel_category(e.key)] += us
-        elif us and e.key.startswith(("Memcpy", "Memset")):
-            device_us["other"] += us
+    for e in prof.events():  # device-side events only: kernels, copies, memsets
+        if e.device_type != DeviceType.CPU:
+            us = getattr(e, "device_time_total", None)
+            device_us[kernel_category(e.name)] += us if us is not None else e.cuda_time_total
     total_ms = sum(device_us.values()) / 1e3
     out = dict(batch=batch, replayed_step_ms=step_ms, eager_device_ms=total_ms,
                **{f"{k}_ms": v / 1e3 for k, v in device_us.items()})
@@ -422,8 +420,12 @@ def run(args) -> int:
                              max_seq_len=longest, prefix_sharing=False, reserve_output=True,
                              decode_graphs="off" if args.no_graphs else "auto", seed=args.seed)
         capacity = (engine.cache.allocator.num_blocks - engine.reserved_blocks) * args.tokens_per_block
-        # compile every kernel (prefill, append, decode) and capture the decode graphs outside the timed loop
-        engine.generate([p[:64] for p in prompts[scenarios[0].name][:2]], SamplingParams(max_tokens=4, ignore_eos=True))
+        # compile every kernel variant the runs will meet (full and partial prefill chunks, mixed steps, decode)
+        # and capture the decode graphs, outside the timed loops
+        warm_params = SamplingParams(max_tokens=4, ignore_eos=True)
+        for sc in scenarios:
+            n = min(sc.input_len, args.max_step_tokens + 17)
+            engine.generate([p[:n] for p in prompts[sc.name][:2]], warm_params)
         if engine.graphs is not None:
             for sc in scenarios:
                 engine.graphs.prepare(max(sc.concurrency), _graph_widths(engine, sc.input_len, sc.output_len))

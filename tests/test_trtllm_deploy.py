@@ -6,14 +6,13 @@ they are not those projects)."""
 from __future__ import annotations
 
 import importlib.util
-import sys
 import uuid
 
 import numpy as np
 import pytest
 import yaml
 
-from trtllm_fakes import fake_trtllm  # noqa: F401  (fixture)
+from trtllm_fakes import fake_trtllm, no_trtllm  # noqa: F401  (fixtures)
 from trtllm_sawint4.build_scripts.triton_repo import parse_pbtxt
 from trtllm_sawint4.cli import main
 from trtllm_sawint4.integrations.tensorrt_llm import deploy, registration
@@ -74,8 +73,7 @@ def test_capacity_table(capsys):
     assert int(rows["saw_int4"][2]) == 32 * 2 * 8 * 68
 
 
-def test_status_without_tensorrt_llm(capsys, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt_llm", None)
+def test_status_without_tensorrt_llm(capsys, tmp_path, no_trtllm):
     assert main(["trtllm", "status", "--site-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "TensorRT-LLM: not importable (" + registration.MISSING_MESSAGE in out

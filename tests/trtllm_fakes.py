@@ -19,27 +19,34 @@ def _ours(name: str) -> bool:
     return any(name == r or name.startswith(r + ".") for r in _FAKE_ROOTS)
 
 
-def _purge() -> None:
-    for name in [n for n in sys.modules if _ours(n)]:
-        del sys.modules[name]
+def _purge() -> dict:
+    """Remove (and return) every tensorrt_llm / triton_python_backend_utils module of this process."""
+    return {name: sys.modules.pop(name) for name in [n for n in sys.modules if _ours(n)]}
+
+
+def _restore(saved: dict) -> None:
+    _purge()
+    sys.modules.update(saved)
 
 
 @pytest.fixture
 def fake_trtllm():
     """The fake AutoDeploy attention_interface module (imported fresh: an empty AttentionRegistry)."""
-    _purge()
+    saved = _purge()
     sys.path.insert(0, str(FAKES))
     try:
         yield importlib.import_module("tensorrt_llm._torch.auto_deploy.custom_ops.attention_interface")
     finally:
         sys.path.remove(str(FAKES))
-        _purge()
+        _restore(saved)
 
 
 @pytest.fixture
-def no_trtllm(monkeypatch):
+def no_trtllm():
     """A process in which `import tensorrt_llm` fails, whatever is installed."""
-    _purge()
-    monkeypatch.setitem(sys.modules, "tensorrt_llm", None)
-    yield
-    _purge()
+    saved = _purge()
+    sys.modules["tensorrt_llm"] = None
+    try:
+        yield
+    finally:
+        _restore(saved)

@@ -91,7 +91,7 @@ def block_table(cache_loc: Tensor, cu_num_pages: Tensor, num_seqs: int, max_bloc
     counts = cu_num_pages[1:num_seqs + 1].long() - starts
     j = torch.arange(max_blocks, device=cache_loc.device)
     index = (starts[:, None] + j[None, :]).clamp_(0, max(cache_loc.numel() - 1, 0))
-    pages = cache_loc.long()[index] if cache_loc.numel() else torch.zeros_like(index)
+    pages = cache_loc[index] if cache_loc.numel() else torch.zeros_like(index)
     return torch.where(j[None, :] < counts[:, None], pages, 0).to(torch.int32)
 
 

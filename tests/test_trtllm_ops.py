@@ -237,3 +237,18 @@ def test_errors_name_the_argument():
     short[1] = 9  # says 9 tokens, q holds 4
     with pytest.raises(ValueError, match="batch_info_host"):
         torch.ops.sawint4.trtllm_mha_with_cache(q, k, v, short, *meta[1:], seq, pos, run.pool, *consts)
+
+
+def test_opcheck(one_torch_thread):
+    """torch.library.opcheck: schema (the pool mutation declared), fake tensors, AOT dispatch."""
+    model = TinyGQA()
+    run = CachedRunner(model, "saw_int4")
+    md = run.steps.step([(0, 0, 5, "prefill"), (1, 0, 3, "prefill")])
+    with torch.no_grad():
+        q, k, v = model.qkv(torch.randint(0, 64, (1, 8)))
+    prep = (md["position_ids"], md["batch_info_host"], md["cu_seqlen"], md["seq_len_with_cache"])
+    torch.library.opcheck(torch.ops.sawint4.trtllm_prepare_metadata.default, prep)
+    seq, pos = torch.ops.sawint4.trtllm_prepare_metadata(*prep)
+    args = (q, k, v, *[md[n] for n in adapter.STANDARD_METADATA_ARGS], seq, pos, run.pool, *adapter.op_constants(run.spec))
+    torch.library.opcheck(torch.ops.sawint4.trtllm_mha_with_cache.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

@@ -451,16 +451,22 @@ def run(args) -> int:
                 res = run_point(engine, prompts[sc.name][:n], sc.output_len, conc,
                                 on_steady=None if args.no_profile or conc != max(sc.concurrency) else on_steady)
                 after = engine.stats()
+                steps = max(1, after["steps"] - before["steps"])
+                host = {f"{k}_ms_per_step": 1e3 * (after[f"{k}_s"] - before[f"{k}_s"]) / steps
+                        for k in ("schedule", "plan", "forward", "step")}
                 point = dict(scenario=sc.name, input_len=sc.input_len, output_len=sc.output_len, concurrency=conc,
                              kv_format=fmt, kv_capacity_tokens=capacity, warmup_s=warm,
-                             preemptions=after["num_preemptions"] - before["num_preemptions"], **res)
+                             preemptions=after["num_preemptions"] - before["num_preemptions"],
+                             graph_steps=after["graph_steps"] - before["graph_steps"], **host, **res)
                 report.add(point)
                 if profile is not None:
                     report.profiles.append(dict(scenario=sc.name, concurrency=conc, kv_format=fmt, **profile))
                     report.write()
                 log(f"{sc.name} {sc.input_len}/{sc.output_len} c={conc} {fmt}: {res['output_tok_s']:.1f} out tok/s, "
                     f"TTFT {res['ttft_median_s']:.3f}/{res['ttft_p90_s']:.3f} s, TPOT {res['tpot_median_ms']:.2f}/"
-                    f"{res['tpot_p90_ms']:.2f} ms, peak running {res['peak_running']}, {res['wall_s']:.1f} s")
+                    f"{res['tpot_p90_ms']:.2f} ms, peak running {res['peak_running']}, {res['wall_s']:.1f} s; per step: "
+                    f"schedule {host['schedule_ms_per_step']:.2f} + plan {host['plan_ms_per_step']:.2f} + forward and "
+                    f"sampling {host['forward_ms_per_step']:.2f} ms")
                 if profile is not None and "attention_frac" in profile:
                     log(f"   profile of a decode step at batch {profile['batch']}: replayed {profile['replayed_step_ms']:.2f}"
                         f" ms; eager device {profile['eager_device_ms']:.2f} ms = attention "

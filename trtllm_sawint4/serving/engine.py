@@ -116,8 +116,9 @@ class PagedEngine:
         self._requests: dict[str, SeqState] = {}
         self._events: list[TokenEvent] = []
         self._arrivals = 0
+        # host-side seconds per phase (schedule, plan, forward + sampling up to the sampled ids on the host)
         self.counters = dict(steps=0, decode_steps=0, graph_steps=0, prefill_tokens=0, decode_tokens=0,
-                             forward_s=0.0, step_s=0.0, errors=0)
+                             schedule_s=0.0, plan_s=0.0, forward_s=0.0, step_s=0.0, errors=0)
 
     @staticmethod
     def _eos_ids(model, tokenizer) -> tuple[int, ...]:
@@ -205,10 +206,13 @@ class PagedEngine:
         if not sched.seqs:
             return events
         seqs, counts = sched.seqs, sched.num_new_tokens
+        t_plan = time.perf_counter()
+        self.counters["schedule_s"] += t_plan - t0
         try:
             plan = self.cache.plan([s.seq_id for s in seqs], counts)
         except Exception as e:  # the schedule fits the pool by construction: this is a bug, not a bad request
             return events + self._fail(seqs, e)
+        self.counters["plan_s"] += time.perf_counter() - t_plan
         ids, pos, rows, samplers = [], [], [], []
         for s, n in zip(seqs, counts):
             ids += s.tokens[s.num_cached:s.num_cached + n]

@@ -392,11 +392,18 @@ def run(args) -> int:
     model = random_model(config, device, dtype)
     if args.kv_budget_gib is not None:
         budget, budget_note = int(args.kv_budget_gib * GiB), f"{args.kv_budget_gib} GiB (--kv-budget-gib)"
+    elif args.arch == "tiny":
+        budget, budget_note = 64 << 20, "64 MiB (the tiny smoke-test model's default)"
     else:
         budget, budget_note = default_kv_budget(model)
         if budget <= 0:
             raise SystemExit("sawint4 bench-serving: this model leaves no KV budget on an 80 GB GPU; "
                              "give --kv-budget-gib")
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if budget + 2 * GiB > free:
+            raise SystemExit(f"sawint4 bench-serving: the KV budget ({budget / GiB:.1f} GiB) and 2 GiB of activations "
+                             f"do not fit the {free / GiB:.1f} GiB left on {device} after the weights")
     max_conc = max(c for sc in scenarios for c in sc.concurrency)
     longest = max(sc.input_len + sc.output_len for sc in scenarios)
     meta = dict(arch=args.arch, device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),

@@ -19,7 +19,7 @@ import torch
 
 from ..cache import PagedKVCache
 from ..calibration import ChannelCalibration
-from ..integrations.transformers import _paged_windows, kv_geometry
+from ..integrations.transformers import default_calibration, kv_geometry, paged_windows
 from ..spec import KVCacheSpec
 from .api import RequestError, SamplingParams, TokenEvent
 from .runner import Step, forward_step, use_engine_attention
@@ -98,7 +98,9 @@ class PagedEngine:
         if num_blocks - reserved < 1:
             raise ValueError(f"num_blocks must be >= {reserved + 1}, got {num_blocks}")
         self.max_seq_len = min(limit, (num_blocks - reserved) * t)
-        windows = _paged_windows(self.geometry, self.max_seq_len)
+        windows = paged_windows(self.geometry, self.max_seq_len)
+        if calibration is None:  # the format model.generate() with SawInt4Cache stores
+            calibration = default_calibration(model, self.spec)
         self.cache = PagedKVCache(self.spec, layers, num_blocks, device=self.device, calibration=calibration,
                                   **({} if windows is None else {"windows": list(windows)}))
         self.scheduler = Scheduler(self.cache, max_batch=max_batch, max_step_tokens=max_step_tokens,

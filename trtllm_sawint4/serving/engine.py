@@ -224,6 +224,7 @@ class PagedEngine:
                 samplers.append(s)
         decode = plan.is_decode and len(rows) == len(seqs)
         t1 = time.perf_counter()
+        use_engine_attention(self.model)  # the model may be shared (e.g. generate() switched it meanwhile)
         try:
             with torch.inference_mode():
                 if decode and self.graphs is not None:

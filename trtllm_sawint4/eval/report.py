@@ -33,7 +33,8 @@ def build_result(model_name, split, args, rows, notes, schedule, bf16_bytes, cal
         })
     by_key = {r.key: r for r in rows}
     result = {
-        "model": model_name, "model_dims": dims, "text": split.source, "num_windows": num_windows,
+        "model": model_name, "model_dims": dims, "text": split.source, "bos_token_id": split.bos,
+        "num_windows": num_windows,
         "window_len": length, "scored_tokens": count, "schedule": schedule, "batch_size": args.batch_size,
         "tokens_per_block": args.tokens_per_block, "bf16_bytes_per_token": bf16_bytes,
         "calibration": calib_info, "notes": notes, "rows": out_rows, "generation": generation,
@@ -83,7 +84,8 @@ def format_text(res: dict) -> str:
         f"sawint4 eval: {res['model']} ({d['num_layers']} layers, {d['num_kv_heads']} KV heads, head_dim "
         f"{d['head_dim']}), float32 on CPU",
         f"text: {res['text']}; {res['num_windows']} windows x {res['window_len']} tokens = {res['scored_tokens']} "
-        f"scored tokens",
+        f"scored tokens; " + ("no BOS (the tokenizer adds none)" if res.get("bos_token_id") is None else
+                              f"every window starts with BOS (id {res['bos_token_id']})"),
         f"per window: {_schedule_text(res['schedule'])}",
         "paged rows: PagedKVCache append, then attention read back through the block table (sawint4_paged); "
         f"{res['tokens_per_block']} tokens/block",

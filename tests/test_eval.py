@@ -63,9 +63,10 @@ def test_eval_end_to_end_json_and_chart(tiny, capsys):
     assert rc == 0
     res = json.loads(out_json.read_text())
     keys = [r["key"] for r in res["rows"]]
-    # head_dim 32: r16 is a separate row, r32 is the default, r64 does not apply
-    assert keys == ["bf16", "int8", "int4", "saw_int4_r16", "saw_int4", "saw_int4_seed1", "saw_int4_seed2",
-                    "saw_int4_v", "saw_int4_meta32", "saw_int4_calib", "kivi"]
+    # no K bias in a Llama: no saw_int4_paper row (saw_int4 is the paper format)
+    assert keys == ["bf16", "int8", "int4", "saw_int4", "saw_int4_seed1", "saw_int4_seed2", "saw_int4_v",
+                    "saw_int4_meta32", "saw_int4_calib", "saw_int4_calib_seed1", "saw_int4_calib_seed2",
+                    "saw_int4_calib_channel", "kivi"]
     rows = {r["key"]: r for r in res["rows"]}
     assert rows["bf16"]["agreement_vs_bf16"] == 1.0 and rows["bf16"]["delta_ppl"] == 0.0
     assert rows["bf16"]["bytes_per_token"] == 2 * 2 * 32 * 2
@@ -74,11 +75,12 @@ def test_eval_end_to_end_json_and_chart(tiny, capsys):
     assert all(r["ppl"] > 1 and 0 <= r["agreement_vs_bf16"] <= 1 for r in res["rows"])
     assert res["scored_tokens"] == 3 * 31 and sum(res["schedule"]) == 32
     assert len(res["seed_spread"]["ppl"]) == 3
+    assert [s["key"] for s in res["seed_spreads"]] == ["saw_int4", "saw_int4_calib"]
+    assert rows["saw_int4_calib"]["calibrated"] == "qk-dense" and rows["saw_int4_calib_channel"]["calibrated"] == "channel"
     assert "metadata_check" in res and "self-calibrated" in res["calibration"]
-    assert any("saw_int4_r64 skipped" in n for n in res["notes"])
     assert set(res["generation"]) == {"prompt", "bf16", "saw_int4"}
     assert out_png.stat().st_size > 1000
-    for needle in ("KIVI-style", "saw_int4 r=32 +calib", "fp16 vs fp32 metadata", "spread over sign seeds",
+    for needle in ("KIVI-style", "saw_int4 r=32 +calib qk-dense", "fp16 vs fp32 metadata", "spread over sign seeds",
                    "greedy generation"):
         assert needle in text
 

@@ -39,15 +39,22 @@ def build_result(model_name, split, args, rows, notes, schedule, bf16_bytes, cal
         "tokens_per_block": args.tokens_per_block, "bf16_bytes_per_token": bf16_bytes,
         "calibration": calib_info, "notes": notes, "rows": out_rows, "generation": generation,
     }
-    group = [r for r in rows if r.key == "saw_int4" or r.seed_of == "saw_int4"]
-    if len(group) > 1:
-        ppls = [r.ppl(count) for r in group]
-        result["seed_spread"] = {
-            "row": by_key["saw_int4"].label.strip(),
-            "sign_seeds": [None if r.seed_of is None else r.spec_options["sign_seed"] for r in group],
-            "ppl": ppls, "mean": statistics.fmean(ppls), "std": statistics.stdev(ppls) if len(ppls) > 1 else 0.0,
-            "min": min(ppls), "max": max(ppls),
-        }
+    spreads = []
+    for head in ("saw_int4", "saw_int4_calib"):
+        group = [r for r in rows if r.key == head or r.seed_of == head]
+        if len(group) > 1:
+            ppls = [r.ppl(count) for r in group]
+            deltas = [100 * (p / base_ppl - 1) for p in ppls]
+            spreads.append({
+                "row": by_key[head].label.strip(), "key": head,
+                "sign_seeds": [None if r.seed_of is None else r.spec_options["sign_seed"] for r in group],
+                "ppl": ppls, "mean": statistics.fmean(ppls), "std": statistics.stdev(ppls),
+                "min": min(ppls), "max": max(ppls),
+                "delta_pct_mean": statistics.fmean(deltas), "delta_pct_std": statistics.stdev(deltas),
+            })
+    if spreads:
+        result["seed_spread"] = spreads[0]  # the default row (kept under its old key)
+        result["seed_spreads"] = spreads
     if "saw_int4" in by_key and "saw_int4_meta32" in by_key:
         a, b = by_key["saw_int4"], by_key["saw_int4_meta32"]
         pa, pb = a.ppl(count), b.ppl(count)
@@ -111,11 +118,11 @@ def format_text(res: dict) -> str:
                  "full-precision residual (< group tokens) not counted.")
     lines.append("±s.e.: standard error of the change over windows (paired with bf16); agree: next-token (argmax) "
                  "agreement with bf16.")
-    if "seed_spread" in res:
-        s = res["seed_spread"]
+    for s in res.get("seed_spreads", [res["seed_spread"]] if "seed_spread" in res else []):
         seeds = ",".join("none" if x is None else str(x) for x in s["sign_seeds"])
         lines.append(f"spread over sign seeds ({seeds}) of {s['row']}: ppl {s['mean']:.2f} ± {s['std']:.2f} (std), "
-                     f"min {s['min']:.2f}, max {s['max']:.2f}")
+                     f"min {s['min']:.2f}, max {s['max']:.2f}; Δ {s['delta_pct_mean']:+.1f}% ± "
+                     f"{s['delta_pct_std']:.1f}% (std)")
     m = res.get("metadata_check", {})
     if "ppl_fp16_meta" in m:
         lines.append(f"fp16 vs fp32 metadata: ppl {m['ppl_fp16_meta']:.3f} vs {m['ppl_fp32_meta']:.3f} "

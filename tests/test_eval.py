@@ -98,6 +98,32 @@ def test_calibrate_then_eval_with_file(tiny, capsys):
     assert "calibration file" in text and "KIVI-style" in text and "bf16" in text
 
 
+def test_calibration_file_for_another_model_is_refused(tiny, capsys):
+    calib_file = tiny / "calib_other.pt"
+    assert main(["calibrate", "--out", str(calib_file), "--model-path", str(tiny / "model"), "--text-file",
+                 str(tiny / "text.txt"), "--tokens", "64", "--window-len", "64", "--no-progress"]) == 0
+    assert "qk-dense" in capsys.readouterr().out
+    cal = ChannelCalibration.load(calib_file)
+    assert cal.method == "qk-dense" and cal.model_fingerprint and cal.key_map.shape == (2, 2, 32, 32)
+    cal.model_fingerprint = "0" * 16
+    cal.save(calib_file)
+    rc = main(["eval", *_args(tiny, "--formats", "saw_int4_calib", "--seeds", "none", "--gen-tokens", "0",
+                                 "--calibration", str(calib_file))])
+    assert rc == 2 and "another model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--preset", "qwen2.5-coder-0.5b", "--model-path", "."], "--preset"),
+    (["--text", "hamlet", "--text-file", "x.txt"], "--text"),
+])
+def test_conflicting_model_or_text_options(argv, needle, capsys, tmp_path):
+    if "--text-file" in argv:
+        (tmp_path / "x.txt").write_text("a b c")
+        argv = [a if a != "x.txt" else str(tmp_path / "x.txt") for a in argv]
+    assert main(["eval", *argv]) == 2
+    assert needle in capsys.readouterr().err
+
+
 def test_chunk_schedule():
     assert chunk_schedule(512, 2) == [256, 128, 126, 1, 1]
     assert chunk_schedule(32, 0) == [16, 8, 8]
@@ -111,6 +137,24 @@ def test_build_rows_per_head_dim():
     assert [r.key for r in rows] == ["bf16", "saw_int4_r16", "saw_int4"]
     rows, notes = build_rows(["saw_int4_r128"], [5], 64)
     assert [r.key for r in rows] == ["bf16"] and notes
+    # head_dim 256: the default block is 128, and a block of the whole head_dim is its own row
+    rows, _ = build_rows(["saw_int4_r128", "saw_int4_r256"], [], 256)
+    assert [r.key for r in rows] == ["bf16", "saw_int4", "saw_int4_r256"]
+    assert rows[2].spec_options == {"rotation_block": 256}
+
+
+def test_build_rows_key_bias_and_calibration_methods():
+    rows, notes = build_rows(["saw_int4", "saw_int4_paper", "saw_int4_calib", "saw_int4_calib_channel",
+                              "saw_int4_calib_qkdense"], [1], 64, "qk-dense", has_key_bias=True)
+    keys = [r.key for r in rows]
+    # saw_int4_calib_qkdense is the same row as saw_int4_calib (qk-dense) and is not repeated
+    assert keys == ["bf16", "saw_int4", "saw_int4_seed1", "saw_int4_paper", "saw_int4_calib", "saw_int4_calib_seed1",
+                    "saw_int4_calib_channel"]
+    by = {r.key: r for r in rows}
+    assert by["saw_int4"].key_bias_centre and not by["saw_int4_paper"].key_bias_centre
+    assert "K-bias centre" in by["saw_int4"].label and by["saw_int4_calib_channel"].calibrated == "channel"
+    rows, notes = build_rows(["saw_int4_paper"], [], 64, has_key_bias=False)
+    assert [r.key for r in rows] == ["bf16"] and "no K projection bias" in notes[0]
 
 
 def test_kivi_fake_quant_groups_and_residual():

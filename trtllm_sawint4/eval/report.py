@@ -6,6 +6,22 @@ import json
 import math
 import statistics
 
+#: The packages whose versions move the table (docs/eval_reproducibility.md): printed in the header and the JSON.
+VERSIONED_PACKAGES = ("torch", "triton", "transformers", "tokenizers", "gguf", "numpy")
+
+
+def package_versions() -> dict:
+    """Installed version of each VERSIONED_PACKAGES entry (None when absent)."""
+    from importlib import metadata
+
+    out = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
 
 def _agreement(a, b) -> float:
     return float((a == b).float().mean())
@@ -37,6 +53,7 @@ def build_result(model_name, split, args, rows, notes, schedule, bf16_bytes, cal
         "window_len": length, "scored_tokens": count, "schedule": schedule, "batch_size": args.batch_size,
         "tokens_per_block": args.tokens_per_block, "bf16_bytes_per_token": bf16_bytes,
         "calibration": calib_info, "notes": notes, "rows": out_rows, "generation": generation,
+        "versions": package_versions(),
     }
     group = [r for r in rows if r.key == "saw_int4" or r.seed_of == "saw_int4"]
     if len(group) > 1:
@@ -88,6 +105,8 @@ def format_text(res: dict) -> str:
         "paged rows: PagedKVCache append, then attention read back through the block table (sawint4_paged); "
         f"{res['tokens_per_block']} tokens/block",
     ]
+    if res.get("versions"):
+        lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v is not None))
     if res["calibration"]:
         lines.append(f"+calib: {res['calibration']}")
     lines.append("")

@@ -1,8 +1,17 @@
 """Check a built wheel's contents: one package, trtllm_sawint4, with kernels/plugins/build_scripts as its
-subpackages, the CLI entry point, and no tests or repository-only folders."""
+subpackages, every module of those source folders (a subpackage missing from pyproject's list would be
+left out), the CLI entry point, and no tests or repository-only folders.
+
+    python .ci/check_wheel.py WHEEL [REPO_ROOT]
+"""
 
 import sys
 import zipfile
+from pathlib import Path
+
+#: source folder -> where it lands in the wheel (pyproject's package-dir)
+SOURCES = {"trtllm_sawint4": "trtllm_sawint4", "kernels": "trtllm_sawint4/kernels",
+           "plugins": "trtllm_sawint4/plugins", "build_scripts": "trtllm_sawint4/build_scripts"}
 
 REQUIRED = ["trtllm_sawint4/__init__.py", "trtllm_sawint4/cli.py", "trtllm_sawint4/kernels/__init__.py",
             "trtllm_sawint4/kernels/decode.py", "trtllm_sawint4/kernels/decode_mma.py",
@@ -11,9 +20,17 @@ REQUIRED = ["trtllm_sawint4/__init__.py", "trtllm_sawint4/cli.py", "trtllm_sawin
             "trtllm_sawint4/ops/reference.py", "trtllm_sawint4/eval/main.py"]
 
 
-def main(path: str) -> int:
+def main(path: str, root: str | None = None) -> int:
     names = zipfile.ZipFile(path).namelist()
     problems = [f"missing {n}" for n in REQUIRED if n not in names]
+    if root is not None:
+        for src, dst in SOURCES.items():
+            for f in sorted(Path(root, src).rglob("*.py")):
+                if "__pycache__" in f.parts:
+                    continue
+                rel = f.relative_to(Path(root, src)).as_posix()
+                if f"{dst}/{rel}" not in names:
+                    problems.append(f"missing {dst}/{rel} (from {src}/{rel}: is its package listed in pyproject.toml?)")
     tops = sorted({n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")})
     if tops != ["trtllm_sawint4"]:
         problems.append(f"top-level entries other than trtllm_sawint4: {tops}")
@@ -30,4 +47,4 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(*sys.argv[1:3]))

@@ -10,6 +10,13 @@ import statistics
 VERSIONED_PACKAGES = ("torch", "triton", "transformers", "tokenizers", "gguf", "numpy")
 
 
+def cpu_numerics() -> dict:
+    """What else decides the float rounding of a CPU run: torch's vector ISA (AVX2, AVX512, ...) and threads."""
+    import torch
+
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+
+
 def package_versions() -> dict:
     """Installed version of each VERSIONED_PACKAGES entry (None when absent)."""
     from importlib import metadata
@@ -53,7 +60,7 @@ def build_result(model_name, split, args, rows, notes, schedule, bf16_bytes, cal
         "window_len": length, "scored_tokens": count, "schedule": schedule, "batch_size": args.batch_size,
         "tokens_per_block": args.tokens_per_block, "bf16_bytes_per_token": bf16_bytes,
         "calibration": calib_info, "notes": notes, "rows": out_rows, "generation": generation,
-        "versions": package_versions(),
+        "versions": package_versions(), "cpu": cpu_numerics(),
     }
     group = [r for r in rows if r.key == "saw_int4" or r.seed_of == "saw_int4"]
     if len(group) > 1:
@@ -106,7 +113,9 @@ def format_text(res: dict) -> str:
         f"{res['tokens_per_block']} tokens/block",
     ]
     if res.get("versions"):
-        lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v is not None))
+        cpu = res.get("cpu") or {}
+        lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v is not None)
+                     + (f"; CPU {cpu['capability']}, {cpu['threads']} threads" if cpu else ""))
     if res["calibration"]:
         lines.append(f"+calib: {res['calibration']}")
     lines.append("")

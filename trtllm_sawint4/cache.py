@@ -49,11 +49,7 @@ class PagedKVCache:
         if calibration is not None:
             calibration.check_matches(spec, num_layers)
         self.transforms: list[LayerTransform] = [
-            build_layer_transform(
-                spec,
-                None if calibration is None else calibration.mean[layer],
-                None if calibration is None else calibration.scale[layer],
-            ).to(self.device)
+            build_layer_transform(spec, **({} if calibration is None else calibration.layer_args(layer))).to(self.device)
             for layer in range(num_layers)
         ]
         self.allocator = BlockAllocator(num_blocks, spec.tokens_per_block)

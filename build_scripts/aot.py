@@ -105,7 +105,10 @@ def compile_kernel(kernel: AotKernel, arch: int, extra_options: dict | None = No
     signature = {p.name: p.type for p in kernel.params}
     signature.update({k: "constexpr" for k in kernel.constexprs})
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params) if p.type.startswith("*")}
-    src = triton.compiler.ASTSource(fn=kernel.fn, signature=signature, constexprs=kernel.constexprs, attrs=attrs)
+    source = triton.compiler.ASTSource
+    if type(kernel.fn).__name__ == "GluonJITFunction":  # kernels/decode_mma.py's kernel, in Gluon
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    src = source(fn=kernel.fn, signature=signature, constexprs=kernel.constexprs, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     options = {"num_warps": kernel.num_warps, "num_stages": kernel.num_stages, **(extra_options or {})}
     return triton.compile(src, target=target, options=options)

@@ -16,7 +16,7 @@ import triton.language as tl
 from ..build_scripts.aot import AotKernel, AotParam
 from ._common import STORAGE_CODE
 from .append import APPEND_BF16_PREC, _append_kernel
-from .decode import LOG2E, _decode_kernel
+from .decode import LOG2E, _decode_kernel, _reduce_kernel
 from .prefill import CONFIG as PREFILL_CONFIG
 from .prefill import CONFIG_BF16 as PREFILL_CONFIG_BF16
 from .prefill import _prefill_kernel
@@ -56,6 +56,12 @@ def prefill_aot(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v
                     out, out,
                     HQ * D, D, HQ * D, D, max_blocks, QK_SCALE, num_seqs,
                     H, G, D, T, R, STORAGE, META32, HAS_QM, False, BLOCK_M, BLOCK_N, B_PAD, DT, PREC, HB)
+
+
+@triton.jit
+def reduce_aot(partial_out, partial_lse, out, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+               D: tl.constexpr, SPLITS: tl.constexpr, SB: tl.constexpr, ONE_LOAD: tl.constexpr):
+    _reduce_kernel(partial_out, partial_lse, out, HQ * D, D, SPLITS, H, G, GP, D, SB, ONE_LOAD)
 
 
 def _inp(name, type_):
@@ -114,3 +120,41 @@ def model_kernels(head_dim: int, num_heads: int, num_kv_heads: int, tokens_per_b
         grid=(f"cdiv(query.shape[0], {block_m}) + block_table.shape[0]", str(num_heads), "1"),
         num_warps=warps, num_stages=stages, limits={"block_table.shape[0]": triton.next_power_of_2(max(2, max_batch))})
     return [append, decode, prefill]
+
+
+def gluon_decode_kernels(num_heads: int, num_kv_heads: int, tokens_per_block: int, kv_format: str, query_dtype: str,
+                         scale: float, splits: int = 4) -> list[AotKernel]:
+    """The Gluon decode path ahead of time (head_dim 128, INT4): kernels/decode_mma.py's kernel writing
+    `splits` partials per (sequence, KV head), then the merge. Two launches, so not one TensorRT plugin;
+    these exist to run Gluon cubins of one Triton on a machine with another (scripts/cross_version_cubins.py).
+    saw_int4 reads q_matrix in block-Hadamard form (blocks of 128); int4 ignores it."""
+    from ..spec import KVCacheSpec
+    from . import decode_mma
+
+    if not decode_mma.HAVE_GLUON:
+        raise RuntimeError(f"the Gluon decode kernel is unavailable with this Triton: {decode_mma._UNAVAILABLE}")
+    spec = KVCacheSpec(decode_mma.HEAD_DIM, num_kv_heads, tokens_per_block, kv_format)
+    h, g = num_kv_heads, num_heads // num_kv_heads
+    if spec.storage != "int4" or spec.metadata_dtype != "fp16" or g > decode_mma.MAX_GROUP or tokens_per_block % 64:
+        raise ValueError("the Gluon decode kernel covers INT4 with fp16 metadata, G <= 8, 64-token multiples")
+    act = {"bf16": "*bf16", "fp16": "*fp16"}[query_dtype]
+    gp, d = decode_mma.MAX_GROUP, decode_mma.HEAD_DIM
+    partial_shape = ["query.shape[0]", str(h), str(splits), str(gp)]
+    decode = AotKernel(
+        op="decode_gluon", fn=decode_mma.decode_mma_aot,
+        params=[_inp("query", act), _inp("q_matrix", "*fp32"), _inp("pool", "*u8"), _inp("block_table", "*i32"),
+                _inp("seq_lens", "*i32"), AotParam("max_blocks", "scalar", "i32", value="block_table.shape[1]"),
+                AotParam("partial_out", "output", "*fp32", shape=partial_shape + [str(d)]),
+                AotParam("partial_lse", "output", "*fp32", shape=partial_shape)],
+        constexprs=dict(HQ=num_heads, H=h, G=g, T=tokens_per_block, R=spec.region_bytes, FP16=query_dtype == "fp16",
+                        STAGES=2, HB=spec.rotation_block if spec.rotated else 0, SPLITS=splits,
+                        QK_SCALE=float(scale) * LOG2E),
+        grid=("query.shape[0]", str(h), str(splits)), num_warps=1)
+    sb = max(2, min(triton.next_power_of_2(splits), 16384 // d))
+    merge = AotKernel(
+        op="decode_gluon_merge", fn=reduce_aot,
+        params=[_inp("partial_out", "*fp32"), _inp("partial_lse", "*fp32"),
+                AotParam("out", "output", act, shape=["partial_out.shape[0]", str(num_heads), str(d)])],
+        constexprs=dict(HQ=num_heads, H=h, G=g, GP=gp, D=d, SPLITS=splits, SB=sb, ONE_LOAD=splits <= sb),
+        grid=("partial_out.shape[0]", str(h), str(g)), num_warps=4)
+    return [decode, merge]

@@ -382,3 +382,15 @@ if HAVE_GLUON:
         pp = po_ptr + (idx * 8 + g)[None, :] * 128 + ch[:, None]
         gl.store(pp, acc_lo * inv[None, :], mask=(g < G)[None, :])
         gl.store(pp + 64, acc_hi * inv[None, :], mask=(g < G)[None, :])
+
+    @gluon.jit
+    def decode_mma_aot(query, q_matrix, pool, block_table, seq_lens, max_blocks, partial_out, partial_lse,
+                       HQ: gl.constexpr, H: gl.constexpr, G: gl.constexpr, T: gl.constexpr, R: gl.constexpr,
+                       FP16: gl.constexpr, STAGES: gl.constexpr, HB: gl.constexpr, SPLITS: gl.constexpr,
+                       QK_SCALE: gl.constexpr):
+        """_decode_mma_kernel in the ahead-of-time form (kernels/aot.py): inputs, the integer scalar, outputs;
+        contiguous [B, HQ, 128] queries, SPLITS splits (grid (B, H, SPLITS)), the scale baked in."""
+        tiles_per_split = gl.cdiv(gl.cdiv(max_blocks * T, 64), SPLITS)
+        _decode_mma_kernel(query, q_matrix, pool, pool.to(gl.pointer_type(gl.float16)), block_table, seq_lens,
+                           partial_out, partial_lse, HQ * 128, 128, max_blocks, QK_SCALE, tiles_per_split,
+                           H, G, T, R, FP16, STAGES, HB)

@@ -15,6 +15,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from trtllm_sawint4.spec import FORMATS, HEAD_DIMS, TOKENS_PER_BLOCK
+
 from . import symexpr
 
 MANIFEST_FORMAT = "sawint4-aot/1"
@@ -204,11 +206,11 @@ def load_manifest(folder: str | Path) -> dict:
 def add_arguments(p) -> None:
     p.add_argument("--out", default="aot_out", help="folder for cubin/PTX files and manifest.json")
     p.add_argument("--targets", default="sm_80,sm_89,sm_90", help="comma-separated GPU targets")
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--head-dim", type=int, default=128, choices=HEAD_DIMS)
     p.add_argument("--num-heads", type=int, default=32, help="query heads")
     p.add_argument("--num-kv-heads", type=int, default=8)
-    p.add_argument("--tokens-per-block", type=int, default=64)
-    p.add_argument("--kv-format", default="saw_int4", help="bf16 | int8 | int4 | saw_int4")
+    p.add_argument("--tokens-per-block", type=int, default=64, choices=TOKENS_PER_BLOCK)
+    p.add_argument("--kv-format", default="saw_int4", choices=FORMATS)
     p.add_argument("--rotate-v", action="store_true")
     p.add_argument("--calibrated", action="store_true", help="include the K channel mean (k_bias) input")
     p.add_argument("--query-dtype", default="bf16", choices=["bf16", "fp16"])

@@ -5,9 +5,9 @@ Conventions shared by every kernel:
     split-halves packing (byte j = c[j] | c[j + D/2] << 4), so unpacking needs no shuffles. The
     other storages use the same halves so that one code path serves all three.
   * Pool addressing is in bytes on the uint8 pool: region(block, kv, head) starts at
-    ((block * 2 + kv) * H + head) * R; codes, then T scales, then T mins (layout.py).
+    ((block * 2 + kv) * H + head) * REGION; codes, then T scales, then T mins (layout.py).
   * Transforms are fp32 [D, D] matrices applied as four [D/2, D/2] blocks, or, when declared in
-    block-Hadamard form (HB > 0, the ops' rotation_block), as their diagonal factor times +-1
+    block-Hadamard form (HB > 0, the ops' hadamard_block), as their diagonal factor times +-1
     Sylvester blocks made from indices.
 """
 
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-STORAGE_CODE = {"bf16": 0, "int8": 1, "int4": 2}
 
 
 def _patch_interpreter() -> None:

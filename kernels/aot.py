@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from ..build_scripts.aot import AotKernel, AotParam
-from ._common import STORAGE_CODE
 from .append import APPEND_BF16_PREC, _append_kernel
 from .decode import LOG2E, _decode_kernel
 from .prefill import CONFIG as PREFILL_CONFIG
@@ -24,38 +23,38 @@ from .prefill import _prefill_kernel
 
 @triton.jit
 def append_aot(key, value, slot_mapping, pool, k_matrix, k_bias, v_matrix, num_tokens, pool_out,
-               H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr, STORAGE: tl.constexpr,
+               H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, REGION: tl.constexpr, STORAGE: tl.constexpr,
                META32: tl.constexpr, HAS_KM: tl.constexpr, HAS_KB: tl.constexpr, HAS_VM: tl.constexpr,
                PREC: tl.constexpr, BLOCK_N: tl.constexpr, HB: tl.constexpr = 0):
     _append_kernel(pool_out, pool_out.to(tl.pointer_type(tl.bfloat16)), pool_out.to(tl.pointer_type(tl.float16)),
                    pool_out.to(tl.pointer_type(tl.float32)), key, value, slot_mapping, k_matrix, k_bias, v_matrix,
-                   num_tokens, H * D, D, H * D, D, H, D, T, R, STORAGE, META32, HAS_KM, HAS_KB, HAS_VM, PREC, BLOCK_N, HB)
+                   num_tokens, H * D, D, H * D, D, H, D, T, REGION, STORAGE, META32, HAS_KM, HAS_KB, HAS_VM, PREC, BLOCK_N, HB)
 
 
 @triton.jit
 def decode_aot(query, pool, block_table, seq_lens, q_matrix, v_matrix, max_blocks, out,
                HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-               T: tl.constexpr, R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
+               T: tl.constexpr, REGION: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
                HAS_VM: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                QK_SCALE: tl.constexpr, Q_CHUNK: tl.constexpr = 16):
     tiles = tl.cdiv(max_blocks * T, BLOCK_N)
     _decode_kernel(query, pool, pool.to(tl.pointer_type(tl.bfloat16)),
                    pool.to(tl.pointer_type(tl.float32)), block_table, seq_lens, q_matrix, v_matrix, out, out, out,
                    HQ * D, D, HQ * D, D, max_blocks, QK_SCALE, tiles, max_blocks * T,
-                   H, G, GP, D, T, R, STORAGE, META32, HAS_QM, HAS_VM, False, BLOCK_N, DT, PREC, Q_CHUNK)
+                   H, G, GP, D, T, REGION, STORAGE, META32, HAS_QM, HAS_VM, False, BLOCK_N, DT, PREC, Q_CHUNK)
 
 
 @triton.jit
 def prefill_aot(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, num_seqs, max_blocks, out,
                 HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
-                R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
+                REGION: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, DT: tl.constexpr,
                 PREC: tl.constexpr, QK_SCALE: tl.constexpr, HB: tl.constexpr = 0):
     _prefill_kernel(query, pool, pool.to(tl.pointer_type(tl.bfloat16)),
                     pool.to(tl.pointer_type(tl.float32)), block_table, seq_lens, query_start_loc, q_matrix, v_matrix,
                     out, out,
                     HQ * D, D, HQ * D, D, max_blocks, QK_SCALE, num_seqs,
-                    H, G, D, T, R, STORAGE, META32, HAS_QM, False, BLOCK_M, BLOCK_N, B_PAD, DT, PREC, HB)
+                    H, G, D, T, REGION, STORAGE, META32, HAS_QM, False, BLOCK_M, BLOCK_N, B_PAD, DT, PREC, HB)
 
 
 def _inp(name, type_):
@@ -77,7 +76,7 @@ def model_kernels(head_dim: int, num_heads: int, num_kv_heads: int, tokens_per_b
     act = {"bf16": "*bf16", "fp16": "*fp16"}[query_dtype]
     dot = tl.float16 if (query_dtype == "fp16" and spec.storage != "bf16") else tl.bfloat16
     h, g, d, t, r = num_kv_heads, num_heads // num_kv_heads, head_dim, tokens_per_block, spec.region_bytes
-    fmt = dict(STORAGE=STORAGE_CODE[spec.storage], META32=spec.metadata_dtype == "fp32")
+    fmt = dict(STORAGE=spec.format.kernel_code, META32=spec.format.meta32)
     transformed = spec.rotated or calibrated
     qk_scale = float(scale) * LOG2E
 
@@ -87,7 +86,7 @@ def model_kernels(head_dim: int, num_heads: int, num_kv_heads: int, tokens_per_b
                 _inp("k_matrix", "*fp32"), _inp("k_bias", "*fp32"), _inp("v_matrix", "*fp32"),
                 AotParam("num_tokens", "scalar", "i32", value="key.shape[0]"),
                 AotParam("pool_out", "output", "*u8", alias="pool")],
-        constexprs=dict(H=h, D=d, T=t, R=r, **fmt, HAS_KM=transformed, HAS_KB=calibrated, HAS_VM=rotate_v,
+        constexprs=dict(H=h, D=d, T=t, REGION=r, **fmt, HAS_KM=transformed, HAS_KB=calibrated, HAS_VM=rotate_v,
                         PREC=APPEND_BF16_PREC if query_dtype == "bf16" else 2, BLOCK_N=64, HB=0),
         grid=("cdiv(key.shape[0], 64)", str(h), "1"), num_warps=4 if d <= 128 else 8)
     decode = AotKernel(
@@ -96,7 +95,7 @@ def model_kernels(head_dim: int, num_heads: int, num_kv_heads: int, tokens_per_b
                 _inp("q_matrix", "*fp32"), _inp("v_matrix", "*fp32"),
                 AotParam("max_blocks", "scalar", "i32", value="block_table.shape[1]"),
                 AotParam("out", "output", act, shape=["query.shape[0]", "query.shape[1]", "query.shape[2]"])],
-        constexprs=dict(HQ=num_heads, H=h, G=g, GP=max(16, triton.next_power_of_2(g)), D=d, T=t, R=r, **fmt,
+        constexprs=dict(HQ=num_heads, H=h, G=g, GP=max(16, triton.next_power_of_2(g)), D=d, T=t, REGION=r, **fmt,
                         HAS_QM=transformed, HAS_VM=rotate_v, BLOCK_N=64, DT=dot, PREC=1, QK_SCALE=qk_scale,
                         Q_CHUNK=16),
         grid=("query.shape[0]", str(h), "1"), num_warps=4, num_stages=3)
@@ -108,7 +107,7 @@ def model_kernels(head_dim: int, num_heads: int, num_kv_heads: int, tokens_per_b
                 AotParam("num_seqs", "scalar", "i32", value="block_table.shape[0]"),
                 AotParam("max_blocks", "scalar", "i32", value="block_table.shape[1]"),
                 AotParam("out", "output", act, shape=["query.shape[0]", "query.shape[1]", "query.shape[2]"])],
-        constexprs=dict(HQ=num_heads, H=h, G=g, D=d, T=t, R=r, **fmt, HAS_QM=transformed, BLOCK_M=block_m,
+        constexprs=dict(HQ=num_heads, H=h, G=g, D=d, T=t, REGION=r, **fmt, HAS_QM=transformed, BLOCK_M=block_m,
                         BLOCK_N=block_n, B_PAD=triton.next_power_of_2(max(2, max_batch)), DT=dot, PREC=1,
                         QK_SCALE=qk_scale, HB=0),
         grid=(f"cdiv(query.shape[0], {block_m}) + block_table.shape[0]", str(num_heads), "1"),

@@ -18,7 +18,9 @@ import triton
 import triton.language as tl
 
 from . import decode_mma
-from ._common import STORAGE_CODE, _matmul_halves, _nan_rows_with_nonfinite, _transform_rows
+from trtllm_sawint4.spec import StorageFormat
+
+from ._common import _matmul_halves, _nan_rows_with_nonfinite, _transform_rows
 from ._tiles import (_code_offset, _code_values, _kv_meta_values, _load_codes, _load_kv_meta, _load_kv_tile, _opaque,
                      _tile_block_ids, _tile_rows)
 
@@ -60,7 +62,7 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_bt, qk_scale, tiles_per_split,
                    max_tokens,
                    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
-                   R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
+                   REGION: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
                    HAS_VM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
                    PREC: tl.constexpr, Q_CHUNK: tl.constexpr = 16, ONE_TILE: tl.constexpr = False):
     """max_tokens: block-table width x T; the block-id loads do not wait for seq_len's. The q matrix
@@ -84,12 +86,12 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
     if ONE_TILE:
         tmask0 = sp * BLOCK_N + tl.arange(0, BLOCK_N) < seq_len
         blk0 = _tile_block_ids(bt_row, sp * BLOCK_N, max_tokens, BLOCK_N, T).to(tl.int64)
-        kbase0 = (blk0 * 2 * H + h) * R
+        kbase0 = (blk0 * 2 * H + h) * REGION
         row0 = _tile_rows(sp * BLOCK_N, BLOCK_N, T)
         k0, k1 = _load_codes(pool_ptr, poolb_ptr, kbase0, row0, tmask0, D, STORAGE)
-        v0, v1 = _load_codes(pool_ptr, poolb_ptr, kbase0 + H * R, row0, tmask0, D, STORAGE)
+        v0, v1 = _load_codes(pool_ptr, poolb_ptr, kbase0 + H * REGION, row0, tmask0, D, STORAGE)
         kmeta0 = _load_kv_meta(poolf_ptr, kbase0, row0, tmask0, D, T, STORAGE, META32)
-        vmeta0 = _load_kv_meta(poolf_ptr, kbase0 + H * R, row0, tmask0, D, T, STORAGE, META32)
+        vmeta0 = _load_kv_meta(poolf_ptr, kbase0 + H * REGION, row0, tmask0, D, T, STORAGE, META32)
 
     qrow = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh
     if HAS_QM:
@@ -134,10 +136,10 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
             blk = blk_next.to(tl.int64)
             blk_next = _tile_block_ids(bt_row, (t + 1) * BLOCK_N, id_limit, BLOCK_N, T)
             row = _tile_rows(t * BLOCK_N, BLOCK_N, T)
-            kbase = (blk * 2 * H + h) * R
+            kbase = (blk * 2 * H + h) * REGION
             k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase, row, tmask, D, T, STORAGE,
                                                META32, DT, PREC != 0)
-            v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase + H * R, row, tmask, D, T,
+            v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase + H * REGION, row, tmask, D, T,
                                                 STORAGE, META32, DT, PREC != 0)
             m_i, l_i, acc_lo, acc_hi = _attend_tile(q_lo, q_hi, qsum, k_lo, k_hi, ks, km, v_lo, v_hi, vs, vmn, tmask,
                                                     m_i, l_i, acc_lo, acc_hi, STORAGE, DT)
@@ -378,7 +380,7 @@ def mma_applies(batch: int, kv_heads: int, head_dim: int, group: int, tokens_per
             and (MMA_IN_TINY or regime_of(batch, kv_heads, head_dim, max_tokens, num_sms) != "tiny"))
 
 
-def _decode_mma(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, rotation_block, num_splits, t, out):
+def _decode_mma(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, hadamard_block, num_splits, t, out):
     """decode() through the Gluon kernel (which also applies a q_matrix in block-Hadamard form), then
     the merge."""
     bsz, hq, d = query.shape
@@ -394,8 +396,8 @@ def _decode_mma(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, r
     if v_matrix is not None:
         splits = max(splits, 2)  # (the V-rotating merge; an empty split is harmless)
     q, qm, hb = query, seq_lens, 0  # (seq_lens: a placeholder pointer when there is no matrix)
-    if q_matrix is not None and rotation_block > 0:  # applied inside the kernel: butterflies over D values
-        qm, hb = q_matrix.contiguous(), rotation_block
+    if q_matrix is not None and hadamard_block > 0:  # applied inside the kernel: butterflies over D values
+        qm, hb = q_matrix.contiguous(), hadamard_block
     elif q_matrix is not None:  # a dense matrix: one small kernel before, once per (sequence, KV head)
         q = torch.empty((bsz, hq, d), dtype=torch.float32, device=query.device)
         decode_mma._q_prep_kernel[(bsz, h)](query, q_matrix.contiguous(), q, query.stride(0), query.stride(1),
@@ -407,13 +409,13 @@ def _decode_mma(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, r
     decode_mma._decode_mma_kernel[(bsz, h, splits)](
         q, qm, pool, pool.view(torch.float16), block_table, seq_lens, po, pl, q.stride(0), q.stride(1),
         block_table.stride(0), float(scale) * LOG2E, tps,
-        H=h, G=g, T=t, R=pool.shape[-1], FP16=query.dtype == torch.float16, STAGES=MMA_CONFIG["stages"], HB=hb,
+        H=h, G=g, T=t, REGION=pool.shape[-1], FP16=query.dtype == torch.float16, STAGES=MMA_CONFIG["stages"], HB=hb,
         num_warps=1)
-    _merge_splits(po, pl, out, v_matrix, splits, g, gp, d, rotation_block, prec=1)
+    _merge_splits(po, pl, out, v_matrix, splits, g, gp, d, hadamard_block, prec=1)
     return out
 
 
-def _merge_splits(po, pl, out, v_matrix, splits, g, gp, d, rotation_block, prec):
+def _merge_splits(po, pl, out, v_matrix, splits, g, gp, d, hadamard_block, prec):
     """The reduce launch: one query row per program, or one KV head per program when it also
     rotates V back."""
     bsz, h = po.shape[:2]
@@ -426,18 +428,17 @@ def _merge_splits(po, pl, out, v_matrix, splits, g, gp, d, rotation_block, prec)
         sb = max(2, min(triton.next_power_of_2(splits), min(REDUCE_TILE_ELEMS, REDUCE_WARP4_ELEMS) // d))
         _reduce_rotate_kernel[(bsz, h)](po, pl, v_matrix.contiguous(), out, out.stride(0), out.stride(1), splits,
                                         H=h, G=g, GP=gp, D=d, SB=sb, ONE_LOAD=splits <= sb, PREC=prec,
-                                        HB=rotation_block, num_warps=4)
+                                        HB=hadamard_block, num_warps=4)
 
 
 def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float, storage: str, meta_dtype: str,
-           rotation_block: int = 0, num_splits: int | None = None):
+           hadamard_block: int = 0, num_splits: int | None = None):
     """Same signature and result as trtllm_sawint4.ops.reference.decode."""
-    from ..layout import tokens_per_block_of
-
     bsz, hq, d = query.shape
     h = pool.shape[2]
     g = hq // h
-    t = tokens_per_block_of(pool, d, storage, meta_dtype)
+    fmt = StorageFormat(storage, meta_dtype)
+    t = fmt.tokens_per_block(d, pool.shape[-1])
     out = torch.empty_like(query)
     if bsz == 0:
         return out
@@ -446,7 +447,7 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
     interp = pool.device.type == "cpu"
     max_tokens = block_table.shape[1] * t
     if mma_applies(bsz, h, d, g, t, storage, meta_dtype, query.dtype, max_tokens, _num_sms(pool.device), not interp):
-        return _decode_mma(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, rotation_block, num_splits,
+        return _decode_mma(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, hadamard_block, num_splits,
                            t, out)
     cfg = tile_config(bsz, h, d, storage, _num_sms(pool.device), max_tokens)
     block_n = 16 if interp else cfg["block_n"]
@@ -474,12 +475,12 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
         query, *_pool_views(pool), block_table, seq_lens, qm, vm, out, po, pl,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         float(scale) * LOG2E, tps, max_tokens,
-        H=h, G=g, GP=gp, D=d, T=t, R=pool.shape[-1], STORAGE=STORAGE_CODE[storage], META32=meta_dtype == "fp32",
+        H=h, G=g, GP=gp, D=d, T=t, REGION=pool.shape[-1], STORAGE=fmt.kernel_code, META32=fmt.meta32,
         HAS_QM=q_matrix is not None, HAS_VM=v_matrix is not None, SPLIT=splits > 1, BLOCK_N=block_n,
         DT=dt, PREC=prec, Q_CHUNK=16 if interp else min(d, cfg.get("q_chunk", 16)),
         ONE_TILE=ONE_TILE_EARLY_LOADS and tps == 1,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=launch_maxnreg(cfg, d),
     )
     if splits > 1:
-        _merge_splits(po, pl, out, v_matrix, splits, g, gp, d, rotation_block, prec)
+        _merge_splits(po, pl, out, v_matrix, splits, g, gp, d, hadamard_block, prec)
     return out

@@ -213,31 +213,31 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _issue_tile(pool_ptr, poolh_ptr, bt_row, tile, seq_len, live, kbuf, vbuf, ks_buf, km_buf, vs_buf, vm_buf, h,
-                    H: gl.constexpr, T: gl.constexpr, R: gl.constexpr):
+                    H: gl.constexpr, T: gl.constexpr, REGION: gl.constexpr):
         """cp.async of tile `tile` (64 tokens) of KV head h into one stage of the buffers; nothing
         is read when not `live` (the buffers get zeros). Tokens past seq_len: zero codes; their
         metadata words are copied (inside the block) and zeroed in registers by the caller."""
         blk = gl.load(bt_row + (tile * 64) // T, mask=live, other=0).to(gl.int64)
         row0 = (tile * 64) % T
-        kbase = (blk * 2 * H + h) * R
+        kbase = (blk * 2 * H + h) * REGION
         tok = gl.arange(0, 64, layout=gl.SliceLayout(1, COPY_CODES))
         byt = gl.arange(0, 64, layout=gl.SliceLayout(0, COPY_CODES))
         tmask = ((tile * 64 + tok < seq_len) & live)[:, None]
         off = kbase + (row0 + tok)[:, None] * 64 + byt[None, :]
         cp.async_copy_global_to_shared(kbuf, pool_ptr + off, mask=tmask)
-        cp.async_copy_global_to_shared(vbuf, pool_ptr + off + H * R, mask=tmask)
+        cp.async_copy_global_to_shared(vbuf, pool_ptr + off + H * REGION, mask=tmask)
         c = gl.arange(0, 64, layout=COPY_META)
         mmask = (c >= 0) & live  # per tile: a per-token mask would split the 4-byte copies
         mp = poolh_ptr + gl.multiple_of(kbase // 2 + T * 32 + row0, 8) + c  # fp16 scales, then mins
         cp.async_copy_global_to_shared(ks_buf, mp, mask=mmask)
         cp.async_copy_global_to_shared(km_buf, mp + T, mask=mmask)
-        cp.async_copy_global_to_shared(vs_buf, mp + H * R // 2, mask=mmask)
-        cp.async_copy_global_to_shared(vm_buf, mp + H * R // 2 + T, mask=mmask)
+        cp.async_copy_global_to_shared(vs_buf, mp + H * REGION // 2, mask=mmask)
+        cp.async_copy_global_to_shared(vm_buf, mp + H * REGION // 2 + T, mask=mmask)
 
     @gluon.jit
     def _decode_mma_kernel(q_ptr, qm_ptr, pool_ptr, poolh_ptr, bt_ptr, sl_ptr, po_ptr, pl_ptr,
                            stride_qb, stride_qh, stride_bt, qk_scale, tiles_per_split,
-                           H: gl.constexpr, G: gl.constexpr, T: gl.constexpr, R: gl.constexpr,
+                           H: gl.constexpr, G: gl.constexpr, T: gl.constexpr, REGION: gl.constexpr,
                            FP16: gl.constexpr, STAGES: gl.constexpr, HB: gl.constexpr = 0):
         """Grid (B, Hkv, S), one warp. q: [B, Hq, 128] (the queries, or fp32 from _q_prep_kernel);
         HB > 0: q_matrix (qm_ptr) in block-Hadamard form with blocks of HB, applied here after the
@@ -262,7 +262,7 @@ if HAVE_GLUON:
         nt = gl.maximum(gl.minimum(t0 + tiles_per_split, gl.cdiv(seq_len, 64)) - t0, 0)
         for i in gl.static_range(STAGES - 1):
             _issue_tile(pool_ptr, poolh_ptr, bt_row, t0 + i, seq_len, i < nt, kbuf.index(i), vbuf.index(i),
-                        ks_buf.index(i), km_buf.index(i), vs_buf.index(i), vm_buf.index(i), h, H, T, R)
+                        ks_buf.index(i), km_buf.index(i), vs_buf.index(i), vm_buf.index(i), h, H, T, REGION)
             cp.commit_group()
 
         # q^T [k, head] in the B layout and K's channel order (_k_logical), rounded once: the same
@@ -290,7 +290,7 @@ if HAVE_GLUON:
             nxt = i + STAGES - 1
             ns = nxt % STAGES
             _issue_tile(pool_ptr, poolh_ptr, bt_row, t0 + nxt, seq_len, nxt < nt, kbuf.index(ns), vbuf.index(ns),
-                        ks_buf.index(ns), km_buf.index(ns), vs_buf.index(ns), vm_buf.index(ns), h, H, T, R)
+                        ks_buf.index(ns), km_buf.index(ns), vs_buf.index(ns), vm_buf.index(ns), h, H, T, REGION)
             cp.commit_group()
             st = i % STAGES
 

@@ -14,22 +14,24 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import STORAGE_CODE, _nan_rows_with_nonfinite, _transform_rows
+from trtllm_sawint4.spec import StorageFormat
+
+from ._common import _nan_rows_with_nonfinite, _transform_rows
 from ._tiles import _code_offset, _load_kv_tile, _tile_block_ids, _tile_rows
 from .decode import LOG2E, _dot_dtype, _pool_views
 
 
 @triton.jit
 def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk, h, n0, pos, seq_len,
-                  MASK: tl.constexpr, H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
+                  MASK: tl.constexpr, H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, REGION: tl.constexpr,
                   STORAGE: tl.constexpr, META32: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
                   ASM: tl.constexpr):
     tok = n0 + tl.arange(0, BLOCK_N)
     tmask = tok < seq_len
     row = _tile_rows(n0, BLOCK_N, T)
-    kbase = (blk.to(tl.int64) * 2 * H + h) * R
+    kbase = (blk.to(tl.int64) * 2 * H + h) * REGION
     k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase, row, tmask, D, T, STORAGE, META32, DT, ASM)
-    v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase + H * R, row, tmask, D, T, STORAGE, META32, DT, ASM)
+    v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase + H * REGION, row, tmask, D, T, STORAGE, META32, DT, ASM)
     off = _code_offset(STORAGE, DT)
     s = tl.dot(q_lo, tl.trans(k_lo))
     s = tl.dot(q_hi, tl.trans(k_hi), s)
@@ -78,7 +80,7 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_pt
 @triton.jit
 def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_ptr, qm_ptr, vm_ptr, out_ptr, scratch_ptr,
                     stride_qn, stride_qh, stride_on, stride_oh, stride_bt, qk_scale, B,
-                    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
+                    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, T: tl.constexpr, REGION: tl.constexpr,
                     STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr, HAS_VM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, DT: tl.constexpr,
                     PREC: tl.constexpr, HB: tl.constexpr = 0):
@@ -135,13 +137,13 @@ def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_p
         blk = blk_next
         blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
         m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk,
-                                                 h, n * BLOCK_N, pos, seq_len, False, H, D, T, R, STORAGE,
+                                                 h, n * BLOCK_N, pos, seq_len, False, H, D, T, REGION, STORAGE,
                                                  META32, BLOCK_N, DT, PREC != 0)
     for n in range(n_full, tl.cdiv(kv_end, BLOCK_N)):
         blk = blk_next
         blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
         m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk,
-                                                 h, n * BLOCK_N, pos, seq_len, True, H, D, T, R, STORAGE,
+                                                 h, n * BLOCK_N, pos, seq_len, True, H, D, T, REGION, STORAGE,
                                                  META32, BLOCK_N, DT, PREC != 0)
 
     nz = l_i > 0
@@ -167,15 +169,14 @@ CONFIG_BF16 = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 128, 8, 2), 
 
 
 def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, scale: float, storage: str,
-            meta_dtype: str, rotation_block: int = 0):
+            meta_dtype: str, hadamard_block: int = 0):
     """Same signature and result as trtllm_sawint4.ops.reference.prefill."""
-    from ..layout import tokens_per_block_of
-
     nq, hq, d = query.shape
     h = pool.shape[2]
     g = hq // h
     bsz = block_table.shape[0]
-    t = tokens_per_block_of(pool, d, storage, meta_dtype)
+    fmt = StorageFormat(storage, meta_dtype)
+    t = fmt.tokens_per_block(d, pool.shape[-1])
     # rows no sequence claims stay zero, like the reference
     out = torch.zeros_like(query)
     if nq == 0 or bsz == 0:
@@ -196,9 +197,9 @@ def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_mat
         v_matrix.contiguous() if v_matrix is not None else dummy, out, scratch,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         float(scale) * LOG2E, bsz,
-        H=h, G=g, D=d, T=t, R=pool.shape[-1], STORAGE=STORAGE_CODE[storage], META32=meta_dtype == "fp32",
+        H=h, G=g, D=d, T=t, REGION=pool.shape[-1], STORAGE=fmt.kernel_code, META32=fmt.meta32,
         HAS_QM=q_matrix is not None, HAS_VM=v_matrix is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        B_PAD=max(2, triton.next_power_of_2(bsz)), DT=dt, PREC=0 if interp else 1, HB=rotation_block,
+        B_PAD=max(2, triton.next_power_of_2(bsz)), DT=dt, PREC=0 if interp else 1, HB=hadamard_block,
         num_warps=warps, num_stages=stages,
     )
     return out

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
-        out = kernels.decode(q, pool, table, sl, tf.q_matrix, None, 0.088, spec.storage, "fp16", tf.rotation_block)
+        out = kernels.decode(q, pool, table, sl, tf.q_matrix, None, 0.088, spec.storage, "fp16", tf.hadamard_block)
     torch.cuda.synchronize()
     print("ok", storage, batch, ctx, float(out.float().abs().mean()))
     return 0

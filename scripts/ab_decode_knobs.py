@@ -63,7 +63,7 @@ def main():
                 t4 = timed(lambda: dmod.decode(c.q, c.pool, c.table, c.seq_lens, None, None, d ** -0.5, "int4",
                                                "fp16"))
                 ts = timed(lambda: dmod.decode(c.q, c.pool, c.table, c.seq_lens, c.tf.q_matrix, None, d ** -0.5,
-                                               "int4", "fp16", c.tf.rotation_block))
+                                               "int4", "fp16", c.tf.hadamard_block))
             finally:
                 for k, v in saved.items():
                     setattr(dmod, k, v)

@@ -47,9 +47,9 @@ def main():
             "sdpa": lambda: F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=d ** -0.5, enable_gqa=True),
             "int4": lambda: kernels.decode(q, pool, table, sl, None, None, d ** -0.5, "int4", "fp16"),
             "saw_int4": lambda: kernels.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16",
-                                               tf.rotation_block),
+                                               tf.hadamard_block),
             "saw+vrot": lambda: kernels.decode(q, pool, table, sl, tf.q_matrix, tf.q_matrix[0], d ** -0.5, "int4",
-                                               "fp16", tf.rotation_block),
+                                               "fp16", tf.hadamard_block),
         }
         print(f"== {hq}/{hkv} D{d} batch {b} ctx {ctx}")
         for name, fn in runs.items():

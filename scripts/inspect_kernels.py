@@ -53,7 +53,7 @@ def _compile_split_decode(args, one_tile: bool):
                 qm_ptr="*fp32", vm_ptr="*fp32", out_ptr="*bf16", po_ptr="*fp32", pl_ptr="*fp32")
     scalars = dict(stride_qb="i32", stride_qh="i32", stride_ob="i32", stride_oh="i32", stride_bt="i32",
                    qk_scale="fp32", tiles_per_split="i32", max_tokens="i32")
-    constexprs = dict(H=8, G=4, GP=16, D=d, T=64, R=spec.region_bytes, STORAGE={"bf16": 0, "int8": 1}.get(spec.storage, 2),
+    constexprs = dict(H=8, G=4, GP=16, D=d, T=64, REGION=spec.region_bytes, STORAGE={"bf16": 0, "int8": 1}.get(spec.storage, 2),
                       META32=spec.metadata_dtype == "fp32", HAS_QM=spec.rotated, HAS_VM=False, SPLIT=True,
                       BLOCK_N=args.block_n or 64, DT=tl.bfloat16, PREC=1, Q_CHUNK=args.q_chunk or 64,
                       ONE_TILE=one_tile)
@@ -78,7 +78,7 @@ def _compile_mma_decode(args, fp16: bool):
     ptrs = dict(q_ptr="*bf16", qm_ptr="*fp32", pool_ptr="*u8", poolh_ptr="*fp16", bt_ptr="*i32", sl_ptr="*i32", po_ptr="*fp32",
                 pl_ptr="*fp32")
     scalars = dict(stride_qb="i32", stride_qh="i32", stride_bt="i32", qk_scale="fp32", tiles_per_split="i32")
-    constexprs = dict(H=8, G=4, T=64, R=64 * (64 + 4), FP16=fp16, STAGES=args.stages or 2,
+    constexprs = dict(H=8, G=4, T=64, REGION=64 * (64 + 4), FP16=fp16, STAGES=args.stages or 2,
                       HB=128 if args.rotation_block is None else args.rotation_block)
     src = GluonASTSource(fn=decode_mma._decode_mma_kernel, signature={**ptrs, **scalars,
                                                                       **{k: "constexpr" for k in constexprs}},

@@ -58,7 +58,7 @@ def main():
 
         sdpa = timed(lambda: F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=d ** -0.5, enable_gqa=True))
         run = lambda: dmod.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16",  # noqa: E731
-                                  tf.rotation_block)
+                                  tf.hadamard_block)
         times = {}
         for name, cfg in CANDIDATES.items():
             c = cfg or current(b, hkv, d, "int4", sms, ctx)

@@ -49,9 +49,9 @@ APPEND_CASES = [
     (dict(meta_dtype="bf16"), "meta_dtype"),
     (dict(k_matrix=torch.randn(2, 64, 32)), "k_matrix"),
     (dict(k_matrix=TF.k_matrix.double()), "k_matrix"),
-    (dict(rotation_block=48), "rotation_block"),
-    (dict(rotation_block=128), "rotation_block"),
-    (dict(rotation_block=-2), "rotation_block"),
+    (dict(hadamard_block=48), "hadamard_block"),
+    (dict(hadamard_block=128), "hadamard_block"),
+    (dict(hadamard_block=-2), "hadamard_block"),
     (dict(k_matrix=TF.k_matrix, storage="bf16", pool=torch.zeros(KVCacheSpec(64, 2, 16, "bf16").pool_shape(4),
                                                                  dtype=torch.uint8)), "k_matrix"),
 ]
@@ -80,7 +80,7 @@ DECODE_CASES = [
     (dict(scale=float("nan")), "scale"),
     (dict(q_matrix=torch.randn(1, 64, 64)), "q_matrix"),
     (dict(v_matrix=torch.randn(64, 64, 1)), "v_matrix"),
-    (dict(rotation_block=3), "rotation_block"),
+    (dict(hadamard_block=3), "hadamard_block"),
 ]
 
 

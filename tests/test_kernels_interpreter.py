@@ -219,7 +219,7 @@ def test_decode_one_tile_splits(K, monkeypatch, fmt, meta, t):
     table = _block_table(lens, t, nb)
     sl = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn(len(lens), h * group, d).to(torch.bfloat16)
-    args = (q, pool, table, sl, tf.q_matrix, tf.v_matrix, d ** -0.5, spec.storage, meta, tf.rotation_block)
+    args = (q, pool, table, sl, tf.q_matrix, tf.v_matrix, d ** -0.5, spec.storage, meta, tf.hadamard_block)
     splits = table.shape[1] * t // 16  # one 16-token interpreter tile per split
     got = K["decode"].decode(*args, num_splits=splits)
     want = ref.decode(*args)
@@ -319,7 +319,7 @@ def test_append_then_attend_roundtrip(K):
     (64, 1, True),     # calibrated, unrotated: diagonal matrices (int4 storage, no V transform)
 ])
 def test_block_hadamard_path(K, d, block, calibrated):
-    """rotation_block > 0: the kernels make the +-1 Sylvester blocks from indices and read only the
+    """hadamard_block > 0: the kernels make the +-1 Sylvester blocks from indices and read only the
     diagonal factor of each matrix (append; prefill; decode's V merge), against the reference."""
     torch.manual_seed(8)
     h, t, nb, n = 2, 16, 7, 45
@@ -328,9 +328,9 @@ def test_block_hadamard_path(K, d, block, calibrated):
     else:
         spec = KVCacheSpec(d, h, t, kv_format="saw_int4", rotation_block=block, rotate_v=True, sign_seed=2)
     tf = _transform(spec, calibrated)
-    assert tf.rotation_block == block
+    assert tf.hadamard_block == block
     km, qm, vm = tf.k_matrix, tf.q_matrix, tf.v_matrix
-    r = tf.rotation_block
+    r = tf.hadamard_block
     key, val = (torch.randn(n, h, d) * 2).bfloat16(), torch.randn(n, h, d).bfloat16()
     slots = torch.randperm(nb * t)[:n]
     p_ref = torch.zeros(spec.pool_shape(nb), dtype=torch.uint8)

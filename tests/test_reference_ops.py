@@ -133,11 +133,11 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(compiled(*args), ops.decode(*args) * 2)
 
 
-def test_rotation_block_declares_the_block_hadamard_form():
-    """rotation_block > 0 leaves the result of a layer transform unchanged, and a matrix that is not
+def test_hadamard_block_declares_the_block_hadamard_form():
+    """hadamard_block > 0 leaves the result of a layer transform unchanged, and a matrix that is not
     in the declared form is rejected (naming it) before anything is written."""
     spec, tf, pool, table, ks, vs = _setup("saw_int4_v_signs", 64, 2, 2, [30, 12], calibrated=True)
-    r = tf.rotation_block
+    r = tf.hadamard_block
     q = torch.randn(2, 4, 64)
     lens = torch.tensor([30, 12], dtype=torch.int32)
     dense = ops.decode(q, pool, table, lens, tf.q_matrix, tf.v_matrix, 0.2, "int4", "fp16")

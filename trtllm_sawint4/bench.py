@@ -13,6 +13,8 @@ import math
 import os
 import time
 
+from .spec import TOKENS_PER_BLOCK
+
 L2_BYTES = 60 * 2**20
 
 DECODE_CONFIGS = [(32, 8, 128), (64, 8, 128), (9, 3, 64)]  # (Hq, Hkv, head_dim)
@@ -36,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated parts: decode, append, prefill, and tune, tunesplit, tunereg, tuneappend, "
                              "tuneprefill "
                              "(re-tune the kernel configs for this run first); bandwidth is always measured")
-    parser.add_argument("--tokens-per-block", type=int, default=64)
+    parser.add_argument("--tokens-per-block", type=int, default=64, choices=TOKENS_PER_BLOCK)
     parser.add_argument("--mem-limit-gb", type=float, default=100.0, help="skip points needing more GPU memory")
     parser.add_argument("--rep-ms", type=float, default=40.0, help="do_bench repetition time per measurement")
 
@@ -192,7 +194,7 @@ def bench_decode_point(hq, hkv, d, batch, ctx, t, rep_ms, peak_tbps, mem_limit_g
     del sets
     torch.cuda.empty_cache()
 
-    def paged(spec, make_pool, q_matrix, storage, nbytes, rotation_block=0):
+    def paged(spec, make_pool, q_matrix, storage, nbytes, hadamard_block=0):
         def make():
             pool = make_pool(spec, nb, dev)
             table = torch.randperm(nb, device=dev, dtype=torch.int64).to(torch.int32).view(batch, nblk_seq)
@@ -202,7 +204,7 @@ def bench_decode_point(hq, hkv, d, batch, ctx, t, rep_ms, peak_tbps, mem_limit_g
 
         def run():
             q, pool, table = s.next()
-            return kernels.decode(q, pool, table, seq_lens, q_matrix, None, scale, storage, "fp16", rotation_block)
+            return kernels.decode(q, pool, table, seq_lens, q_matrix, None, scale, storage, "fp16", hadamard_block)
 
         ms = _bench(run, rep_ms, graph=True)
         del s
@@ -211,7 +213,7 @@ def bench_decode_point(hq, hkv, d, batch, ctx, t, rep_ms, peak_tbps, mem_limit_g
 
     row["bf16_paged_ms"] = paged(spec16, _bf16_pool, None, "bf16", bytes16)
     row["int4_ms"] = paged(spec4, _quant_pool, None, "int4", bytes4)
-    row["saw_int4_ms"] = paged(spec4, _quant_pool, tf.q_matrix, "int4", bytes4, tf.rotation_block)
+    row["saw_int4_ms"] = paged(spec4, _quant_pool, tf.q_matrix, "int4", bytes4, tf.hadamard_block)
     row["saw_int4_tbps"] = bytes4 / row["saw_int4_ms"] / 1e9
     row["saw_int4_frac_bw"] = row["saw_int4_tbps"] / peak_tbps
     row["bf16_paged_tbps"] = bytes16 / row["bf16_paged_ms"] / 1e9
@@ -251,7 +253,7 @@ def bench_append(rep_ms, t):
             def run():
                 k, v, pool, slots = s.next()
                 kernels.append(pool, k, v, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage, "fp16",
-                               tf.rotation_block)
+                               tf.hadamard_block)
 
             ms = _bench(run, rep_ms, graph=True)
             row[f"{fmt}_us"] = ms * 1e3
@@ -321,7 +323,7 @@ def bench_prefill(rep_ms, t, mem_limit_gb):
                 qsl = torch.tensor([0, chunk], dtype=torch.int32, device=dev)
                 qq = q[0].transpose(0, 1).contiguous()
                 ms = _bench(lambda: kernels.prefill(qq, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale,
-                                                    spec.storage, "fp16", tf.rotation_block), rep_ms)
+                                                    spec.storage, "fp16", tf.hadamard_block), rep_ms)
                 row[f"{fmt}_ms"] = ms
                 row[f"{fmt}_tflops"] = flops / ms / 1e9
                 row[f"{fmt}_x_vs_sdpa"] = row["sdpa_ms"] / ms
@@ -469,7 +471,7 @@ def tune_append(rep_ms, t):
         for cfg in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8)):
             amod.CONFIG[key] = cfg
             ms = _bench(lambda: kernels.append(pool, k, v, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage,
-                                               "fp16", tf.rotation_block), rep_ms, graph=True)
+                                               "fp16", tf.hadamard_block), rep_ms, graph=True)
             tbps = (2 * n * h * d * 2 + n * spec.bytes_per_token) / ms / 1e9
             rows.append({"format": fmt, "block_n": cfg[0], "warps": cfg[1], "us": ms * 1e3, "tbps": tbps})
             print(f"tune append {fmt} bn={cfg[0]} w={cfg[1]}: {ms * 1e3:.1f} us {tbps:.2f} TB/s", flush=True)
@@ -512,7 +514,7 @@ def tune_prefill(rep_ms, t):
             table_cfg[d] = (bm, bn, warps, stages)
             try:
                 ms = _bench(lambda: kernels.prefill(q, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, d ** -0.5,
-                                                    spec.storage, "fp16", tf.rotation_block), rep_ms)
+                                                    spec.storage, "fp16", tf.hadamard_block), rep_ms)
             except Exception as e:  # out of shared memory etc.
                 print(f"tune prefill {fmt} {bm}/{bn}/{warps}/{stages}: failed {str(e)[:60]}")
                 continue
@@ -544,7 +546,7 @@ def _decode_int4_only(hq, hkv, d, batch, ctx, t, rep_ms, rotated=True):
     def run():
         pool, table = sets.next()
         return kernels.decode(q, pool, table, sl, tf.q_matrix if rotated else None, None, d ** -0.5, "int4", "fp16",
-                              tf.rotation_block)
+                              tf.hadamard_block)
 
     ms = _bench(run, rep_ms, graph=True)
     return ms, nbytes / ms / 1e9

@@ -117,9 +117,9 @@ class PagedKVCache:
         pool, tf = self.pools[layer], self.transforms[layer]
         storage, meta = self.spec.storage, self.spec.metadata_dtype
         checks.check_append(pool, key, value, plan.slot_mapping, tf.k_matrix, tf.k_bias, tf.v_matrix, storage, meta,
-                            tf.rotation_block)
+                            tf.hadamard_block)
         implementation("append", pool)(pool, key, value, plan.slot_mapping, tf.k_matrix, tf.k_bias, tf.v_matrix,
-                                       storage, meta, tf.rotation_block)
+                                       storage, meta, tf.hadamard_block)
 
     def attend(self, layer: int, plan: StepPlan, query: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of this step's queries ([num_new_tokens, num_heads, head_dim]) over the cache."""
@@ -127,10 +127,10 @@ class PagedKVCache:
         storage, meta = self.spec.storage, self.spec.metadata_dtype
         if plan.is_decode:
             checks.check_attention(query, pool, plan.block_table, plan.seq_lens, None, tf.q_matrix, tf.v_matrix,
-                                   scale, storage, meta, tf.rotation_block)
+                                   scale, storage, meta, tf.hadamard_block)
             return implementation("decode", pool)(query, pool, plan.block_table, plan.seq_lens, tf.q_matrix,
-                                                  tf.v_matrix, scale, storage, meta, tf.rotation_block)
+                                                  tf.v_matrix, scale, storage, meta, tf.hadamard_block)
         checks.check_attention(query, pool, plan.block_table, plan.seq_lens, plan.query_start_loc, tf.q_matrix,
-                               tf.v_matrix, scale, storage, meta, tf.rotation_block)
+                               tf.v_matrix, scale, storage, meta, tf.hadamard_block)
         return implementation("prefill", pool)(query, pool, plan.block_table, plan.seq_lens, plan.query_start_loc,
-                                               tf.q_matrix, tf.v_matrix, scale, storage, meta, tf.rotation_block)
+                                               tf.q_matrix, tf.v_matrix, scale, storage, meta, tf.hadamard_block)

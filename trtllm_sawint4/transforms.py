@@ -32,14 +32,16 @@ class LayerTransform:
     k_bias: torch.Tensor | None  # [Hkv, D]
     q_matrix: torch.Tensor | None  # [Hkv, D, D]
     v_matrix: torch.Tensor | None  # [D, D]
-    #: > 0: every matrix is in block-Hadamard form with this block (hadamard.block_hadamard_form),
-    #: which lets the kernels read only its diagonal factor; 0: dense matrices.
-    rotation_block: int = 0
+    #: > 0: every matrix is S diag(d) with S = blockdiag of +-1 Sylvester blocks of this size
+    #: (hadamard.block_hadamard_form), which lets the kernels read only d; 0: dense matrices. The
+    #: ops take it as their `hadamard_block` argument. It equals spec.rotation_block for saw_int4 and
+    #: is 1 (diagonal matrices) for a calibrated format without rotation.
+    hadamard_block: int = 0
 
     def to(self, device: torch.device | str) -> "LayerTransform":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return LayerTransform(move(self.k_matrix), move(self.k_bias), move(self.q_matrix), move(self.v_matrix),
-                              self.rotation_block)
+                              self.hadamard_block)
 
 
 def build_layer_transform(

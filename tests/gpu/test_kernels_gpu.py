@@ -95,7 +95,7 @@ def test_append(K, fmt, d, meta):
         ref.append(p_ref, key.cpu(), val.cpu(), slots.cpu(), *[a if a is None else a.cpu() for a in args],
                    spec.storage, meta)
         # the structured path (matrices read as their diagonal factor), except for fp32 keys: dense
-        rb = tf.rotation_block if fmt == "saw_int4" and dtype != torch.float32 else 0
+        rb = tf.hadamard_block if fmt == "saw_int4" and dtype != torch.float32 else 0
         K.append(p_ker, key, val, slots, *args, spec.storage, meta, rb)
         p_ker = p_ker.cpu()
         if fmt != "saw_int4":
@@ -158,7 +158,7 @@ def test_decode(K, monkeypatch, fmt, meta, d, h, group, t, dtype, mma):
     scale = d ** -0.5
     want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta)
     # the transforms both as dense matrices and in block-Hadamard form (the cache's path)
-    for splits, rb in ((None, tf.rotation_block), (1, tf.rotation_block), (7, tf.rotation_block), (None, 0), (7, 0)):
+    for splits, rb in ((None, tf.hadamard_block), (1, tf.hadamard_block), (7, tf.hadamard_block), (None, 0), (7, 0)):
         got = K.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta, rb,
                        num_splits=splits)
         assert got.dtype == dtype
@@ -188,7 +188,7 @@ def test_decode_each_tile_config(K, monkeypatch, regime, fmt, t):
     want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16")
     for splits in (None, 1, 3, 10**4):  # 10**4: one tile per split (the ONE_TILE early-load path)
         got = K.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16",
-                       tf.rotation_block, num_splits=splits)
+                       tf.hadamard_block, num_splits=splits)
         _close(got, want)
 
 
@@ -211,7 +211,7 @@ def test_decode_many_splits(K, d, splits, calibrated):
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
     q = torch.randn(len(lens), 8, d, device=DEV).to(torch.bfloat16)
     want = ref.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16")
-    got = K.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16", tf.rotation_block,
+    got = K.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16", tf.hadamard_block,
                    num_splits=splits)
     _close(got, want)
 
@@ -247,7 +247,7 @@ def test_decode_mma_kernel(K, monkeypatch, fmt, group, t, rotate_v, dtype):
     want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16")
     for splits in (None, 1, 5, 10**4):
         got = K.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16",
-                       tf.rotation_block, num_splits=splits)
+                       tf.hadamard_block, num_splits=splits)
         assert got.dtype == dtype
         assert torch.count_nonzero(got[0]) == 0
         _close(got[1:], want[1:])
@@ -266,7 +266,7 @@ def test_decode_cuda_graph(K, rotate_v, b, mb):
     table = torch.randperm(nb, device=DEV).int().view(b, mb)
     sl = torch.randint(1, mb * 64, (b,), dtype=torch.int32, device=DEV)
     q = torch.randn(b, 32, 128, device=DEV, dtype=torch.bfloat16)
-    args = lambda: (q, pool, table, sl, tf.q_matrix, tf.v_matrix, 0.088, "int4", "fp16", tf.rotation_block)  # noqa: E731
+    args = lambda: (q, pool, table, sl, tf.q_matrix, tf.v_matrix, 0.088, "int4", "fp16", tf.hadamard_block)  # noqa: E731
     K.decode(*args())  # compile outside the capture
     torch.cuda.synchronize()
     s = torch.cuda.Stream()
@@ -315,7 +315,7 @@ def test_prefill(K, fmt, meta, d, h, group, t, dtype):
     q = torch.randn(int(qsl[-1]), h * group, d, device=DEV).to(dtype)
     scale = d ** -0.5
     want = ref.prefill(q, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta)
-    for rb in sorted({0, tf.rotation_block}):  # dense matrices and block-Hadamard form
+    for rb in sorted({0, tf.hadamard_block}):  # dense matrices and block-Hadamard form
         got = K.prefill(q, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta, rb)
         assert got.dtype == dtype
         _close(got, want)

@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ..spec import TOKENS_PER_BLOCK
 from .data import EvalError, require
 
 #: row key -> (label template, kind, KVCacheSpec options); rotation rows are resolved per head_dim.
@@ -110,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=_seeds, default=[1, 2],
                         help="extra sign seeds (KVCacheSpec.sign_seed) for the default saw_int4 row, to show "
                              "the spread (default 1,2; 'none' to skip)")
-    parser.add_argument("--tokens-per-block", type=int, choices=(8, 16, 32, 64, 128), default=64,
+    parser.add_argument("--tokens-per-block", type=int, choices=TOKENS_PER_BLOCK, default=64,
                         help="paged block size (default 64)")
     parser.add_argument("--calibration", help="ChannelCalibration file from `sawint4 calibrate` for saw_int4_calib "
                         "(default: calibrate on held-out text)")

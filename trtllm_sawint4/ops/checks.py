@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..layout import tokens_per_block_of
-from ..spec import HEAD_DIMS
+from ..spec import HEAD_DIMS, METADATA_DTYPES, STORAGES
 
-STORAGES = ("bf16", "int8", "int4")
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -43,8 +42,8 @@ def _device(name, t, device):
 def check_format(storage: str, meta_dtype: str) -> None:
     if storage not in STORAGES:
         _fail("storage", f"must be one of {STORAGES}, got {storage!r}")
-    if meta_dtype not in ("fp16", "fp32"):
-        _fail("meta_dtype", f"must be 'fp16' or 'fp32', got {meta_dtype!r}")
+    if meta_dtype not in METADATA_DTYPES:
+        _fail("meta_dtype", f"must be one of {METADATA_DTYPES}, got {meta_dtype!r}")
 
 
 def check_pool(pool: torch.Tensor, head_dim: int, storage: str, meta_dtype: str) -> int:
@@ -64,11 +63,11 @@ def check_pool(pool: torch.Tensor, head_dim: int, storage: str, meta_dtype: str)
 
 
 def check_transforms(pool, num_kv_heads, head_dim, storage, *, k_matrix=None, k_bias=None, q_matrix=None,
-                     v_matrix=None, rotation_block=0):
-    if not isinstance(rotation_block, int) or isinstance(rotation_block, bool) or rotation_block < 0 or (
-            rotation_block and (rotation_block & (rotation_block - 1) or head_dim % rotation_block)):
-        _fail("rotation_block", f"must be 0 (dense matrices) or a power of 2 dividing head_dim={head_dim}, "
-                                f"got {rotation_block!r}")
+                     v_matrix=None, hadamard_block=0):
+    if not isinstance(hadamard_block, int) or isinstance(hadamard_block, bool) or hadamard_block < 0 or (
+            hadamard_block and (hadamard_block & (hadamard_block - 1) or head_dim % hadamard_block)):
+        _fail("hadamard_block", f"must be 0 (dense matrices) or a power of 2 dividing head_dim={head_dim}, "
+                                f"got {hadamard_block!r}")
     given = {"k_matrix": k_matrix, "k_bias": k_bias, "q_matrix": q_matrix, "v_matrix": v_matrix}
     shapes = {"k_matrix": (num_kv_heads, head_dim, head_dim), "k_bias": (num_kv_heads, head_dim),
               "q_matrix": (num_kv_heads, head_dim, head_dim), "v_matrix": (head_dim, head_dim)}
@@ -83,7 +82,7 @@ def check_transforms(pool, num_kv_heads, head_dim, storage, *, k_matrix=None, k_
 
 
 def check_append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage, meta_dtype,
-                 rotation_block=0) -> int:
+                 hadamard_block=0) -> int:
     if key.dim() != 3:
         _fail("key", f"must be [num_tokens, num_kv_heads, head_dim], got {list(key.shape)}")
     n, h, d = key.shape
@@ -99,12 +98,12 @@ def check_append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, sto
         _device(name, x, pool.device)
     _contiguous("slot_mapping", slot_mapping)
     check_transforms(pool, h, d, storage, k_matrix=k_matrix, k_bias=k_bias, v_matrix=v_matrix,
-                     rotation_block=rotation_block)
+                     hadamard_block=hadamard_block)
     return t
 
 
 def check_attention(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, scale, storage,
-                    meta_dtype, rotation_block=0) -> int:
+                    meta_dtype, hadamard_block=0) -> int:
     if query.dim() != 3:
         _fail("query", f"must be [num_queries, num_heads, head_dim], got {list(query.shape)}")
     _, hq, d = query.shape
@@ -132,7 +131,7 @@ def check_attention(query, pool, block_table, seq_lens, query_start_loc, q_matri
             _contiguous(name, x)
     if not (isinstance(scale, float) and scale > 0 and scale != float("inf")):
         _fail("scale", f"must be a positive finite float, got {scale!r}")
-    check_transforms(pool, h, d, storage, q_matrix=q_matrix, v_matrix=v_matrix, rotation_block=rotation_block)
+    check_transforms(pool, h, d, storage, q_matrix=q_matrix, v_matrix=v_matrix, hadamard_block=hadamard_block)
     return t
 
 
@@ -140,19 +139,19 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def check_rotation_form(rotation_block: int, **matrices) -> None:
-    """rotation_block > 0 declares every given matrix in block-Hadamard form (the kernels may then read
+def check_hadamard_form(hadamard_block: int, **matrices) -> None:
+    """hadamard_block > 0 declares every given matrix in block-Hadamard form (the kernels may then read
     only its diagonal factor); check that the declaration holds. Reads the matrices (a device sync on
     GPU), so it is skipped while a CUDA graph is being captured, like the index checks."""
     from ..hadamard import block_hadamard_form
 
-    if not rotation_block or _capturing():
+    if not hadamard_block or _capturing():
         return
     for name, m in matrices.items():
-        if m is not None and not torch.equal(block_hadamard_form(m, rotation_block), m):
-            _fail(name, f"is not in the block-Hadamard form that rotation_block={rotation_block} declares "
+        if m is not None and not torch.equal(block_hadamard_form(m, hadamard_block), m):
+            _fail(name, f"is not in the block-Hadamard form that hadamard_block={hadamard_block} declares "
                         f"(M[i, j] = S[i, j] * M[(j // r) * r, j], hadamard.block_hadamard_form); "
-                        f"pass rotation_block=0 for a dense matrix")
+                        f"pass hadamard_block=0 for a dense matrix")
 
 
 def check_append_indices(pool, slot_mapping, tokens_per_block: int) -> None:

@@ -15,7 +15,7 @@ Token p of sequence b lives in block block_table[b, p // T], row p % T. Query he
 head i // (Hq // H). A sequence with no tokens gives a zero output. A non-finite stored vector
 (see quant.py) makes the output nan for exactly the queries that can see its position. Everything is computed in
 float32; the output has the query's dtype. Transforms are those of `transforms.LayerTransform`.
-rotation_block > 0 declares every matrix in block-Hadamard form (hadamard.block_hadamard_form;
+hadamard_block > 0 declares every matrix in block-Hadamard form (hadamard.block_hadamard_form;
 the public ops check it): the kernels may then read only each matrix's diagonal factor, and make
 the +-1 blocks from indices. The reference always uses the matrices as given.
 """
@@ -26,8 +26,7 @@ import torch
 
 from ..layout import pool_views
 from ..quant import dequantize, pack_int4, quantize, unpack_int4
-
-_LEVELS = {"int8": 255, "int4": 15}
+from ..spec import StorageFormat
 
 
 def _transform(x: torch.Tensor, matrix: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -40,7 +39,7 @@ def _transform(x: torch.Tensor, matrix: torch.Tensor | None, bias: torch.Tensor 
 
 
 def append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage: str, meta_dtype: str,
-           rotation_block: int = 0) -> None:
+           hadamard_block: int = 0) -> None:
     views = pool_views(pool, key.shape[-1], storage, meta_dtype)
     t = views.tokens_per_block
     block, row = slot_mapping.long() // t, slot_mapping.long() % t
@@ -48,7 +47,7 @@ def append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage: 
         if storage == "bf16":
             views.codes[block, kv, :, row] = x.to(torch.bfloat16)
             continue
-        codes, scale, vmin = quantize(x, _LEVELS[storage], meta_dtype)
+        codes, scale, vmin = quantize(x, StorageFormat(storage, meta_dtype).levels, meta_dtype)
         views.codes[block, kv, :, row] = pack_int4(codes) if storage == "int4" else codes
         views.scale[block, kv, :, row] = scale.to(views.scale.dtype)
         views.vmin[block, kv, :, row] = vmin.to(views.vmin.dtype)
@@ -95,7 +94,7 @@ def _attend(q, k, v, positions, scale, q_matrix, v_matrix):
 
 
 def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, scale: float,
-            storage: str, meta_dtype: str, rotation_block: int = 0):
+            storage: str, meta_dtype: str, hadamard_block: int = 0):
     out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
     starts = query_start_loc.tolist()
     for b, length in enumerate(seq_lens.tolist()):
@@ -109,8 +108,8 @@ def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_mat
 
 
 def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float, storage: str, meta_dtype: str,
-           rotation_block: int = 0):
+           hadamard_block: int = 0):
     """`prefill` with one query per sequence."""
     starts = torch.arange(query.shape[0] + 1, dtype=torch.int32, device=query.device)
     return prefill(query, pool, block_table, seq_lens, starts, q_matrix, v_matrix, scale, storage, meta_dtype,
-                   rotation_block)
+                   hadamard_block)

@@ -14,10 +14,10 @@ import triton
 import triton.language as tl
 
 from ..build_scripts.aot import AotKernel, AotParam
-from .append import APPEND_BF16_PREC, _append_kernel
-from .decode import LOG2E, _decode_kernel
-from .prefill import CONFIG as PREFILL_CONFIG
-from .prefill import CONFIG_BF16 as PREFILL_CONFIG_BF16
+from ._common import LOG2E
+from .append import _append_kernel
+from .config import DEFAULT, KernelConfig
+from .decode_triton import _decode_kernel
 from .prefill import _prefill_kernel
 
 
@@ -63,8 +63,9 @@ def _inp(name, type_):
 
 def model_kernels(head_dim: int, num_heads: int, num_kv_heads: int, tokens_per_block: int, kv_format: str,
                   rotate_v: bool, calibrated: bool, query_dtype: str, scale: float, max_batch: int = 256,
-                  **_unused) -> list[AotKernel]:
-    """The append, decode and prefill kernels of one model configuration."""
+                  config: KernelConfig = DEFAULT, **_unused) -> list[AotKernel]:
+    """The append, decode and prefill kernels of one model configuration (prefill tiles and append's
+    bf16 precision from `config`)."""
     from ..spec import KVCacheSpec
 
     spec = KVCacheSpec(head_dim, num_kv_heads, tokens_per_block, kv_format, rotate_v=rotate_v)
@@ -87,7 +88,7 @@ def model_kernels(head_dim: int, num_heads: int, num_kv_heads: int, tokens_per_b
                 AotParam("num_tokens", "scalar", "i32", value="key.shape[0]"),
                 AotParam("pool_out", "output", "*u8", alias="pool")],
         constexprs=dict(H=h, D=d, T=t, REGION=r, **fmt, HAS_KM=transformed, HAS_KB=calibrated, HAS_VM=rotate_v,
-                        PREC=APPEND_BF16_PREC if query_dtype == "bf16" else 2, BLOCK_N=64, HB=0),
+                        PREC=config.append.bf16_prec if query_dtype == "bf16" else 2, BLOCK_N=64, HB=0),
         grid=("cdiv(key.shape[0], 64)", str(h), "1"), num_warps=4 if d <= 128 else 8)
     decode = AotKernel(
         op="decode", fn=decode_aot,
@@ -99,7 +100,8 @@ def model_kernels(head_dim: int, num_heads: int, num_kv_heads: int, tokens_per_b
                         HAS_QM=transformed, HAS_VM=rotate_v, BLOCK_N=64, DT=dot, PREC=1, QK_SCALE=qk_scale,
                         Q_CHUNK=16),
         grid=("query.shape[0]", str(h), "1"), num_warps=4, num_stages=3)
-    block_m, block_n, warps, stages = (PREFILL_CONFIG_BF16 if spec.storage == "bf16" else PREFILL_CONFIG)[d]
+    tile = config.prefill.tile(d, spec.storage)
+    block_m, block_n, warps, stages = tile.block_m, tile.block_n, tile.num_warps, tile.num_stages
     prefill = AotKernel(
         op="prefill", fn=prefill_aot,
         params=[_inp("query", act), _inp("pool", "*u8"), _inp("block_table", "*i32"), _inp("seq_lens", "*i32"),

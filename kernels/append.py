@@ -14,6 +14,7 @@ import triton.language as tl
 from trtllm_sawint4.spec import StorageFormat
 
 from ._common import _round_f16, _to_bf16_rne, _transform_rows
+from .config import DEFAULT, AppendConfig
 
 
 @triton.jit
@@ -124,21 +125,15 @@ def _append_kernel(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, key_ptr, val_ptr, 
                 1, HAS_VM, False, H, D, T, REGION, STORAGE, META32, PREC, HB)
 
 
-#: Transform precision for bf16 K/V (kernels._common._mm): 4 = the matrix in two bf16 terms.
-APPEND_BF16_PREC = 4
-
-#: (BLOCK_N tokens per program, num_warps) at head_dim <= 128 (halved tokens, 8 warps above);
-#: `sawint4 bench --only tuneappend` re-measures them.
-CONFIG = {"plain": (32, 4), "transform": (64, 4)}
-
-
 def _contig_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage: str, meta_dtype: str,
-           hadamard_block: int = 0) -> None:
-    """Same signature and effect as trtllm_sawint4.ops.reference.append."""
+           hadamard_block: int = 0, *, config: AppendConfig | None = None) -> None:
+    """Same signature and effect as trtllm_sawint4.ops.reference.append; `config`: the launch tiles
+    (DEFAULT.append when None)."""
+    config = config or DEFAULT.append
     n, h, d = key.shape
     if n == 0:
         return
@@ -150,11 +145,11 @@ def append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage: 
     if interp:
         prec = 0
     elif key.dtype == torch.bfloat16:
-        prec = APPEND_BF16_PREC
+        prec = config.bf16_prec
     else:
         prec = 2
     dummy = slot_mapping
-    block_n, warps = CONFIG["transform" if has_m else "plain"]
+    block_n, warps = config.transform if has_m else config.plain
     if d >= 256:
         block_n, warps = block_n // 2, 8
     if interp:

@@ -16,9 +16,10 @@ import triton.language as tl
 
 from trtllm_sawint4.spec import StorageFormat
 
-from ._common import _nan_rows_with_nonfinite, _transform_rows
+from ._common import LOG2E, _nan_rows_with_nonfinite, _transform_rows, pool_pointers, triton_dtype
 from ._tiles import _code_offset, _load_kv_tile, _tile_block_ids, _tile_rows
-from .decode import LOG2E, _dot_dtype, _pool_views
+from .config import DEFAULT, PrefillConfig
+from .schedule import dot_dtype
 
 
 @triton.jit
@@ -131,7 +132,7 @@ def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_p
     kv_end = tl.where(valid & (last_row >= tile * BLOCK_M), seq_len - q_len + last_row + 1, 0)
     n_full = tl.where(valid, (pos_first + 1) // BLOCK_N, 0)
     n_full = tl.minimum(n_full, tl.cdiv(kv_end, BLOCK_N))
-    # block ids one tile ahead (see kernels/decode.py: keeps the tile loads multi-buffered)
+    # block ids one tile ahead (see kernels/decode_triton.py: keeps the tile loads multi-buffered)
     blk_next = _tile_block_ids(bt_row, 0, kv_end, BLOCK_N, T)
     for n in range(0, n_full):
         blk = blk_next
@@ -162,15 +163,15 @@ def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_p
     tl.store(op + HALF, o_hi.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
-#: Tunables per head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages); quantized storages / bf16 storage.
-#: (H200, Hq 32 / Hkv 8, prefix 8k + chunk 2k: see docs/kernels.md)
-CONFIG = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 8, 2)}
-CONFIG_BF16 = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 128, 8, 2), 256: (64, 32, 8, 2)}
+#: tile the interpreter runs (small shapes; its tl.dot is slow): (BLOCK_M, BLOCK_N, num_warps, num_stages)
+INTERP_TILE = (16, 16, 4, 1)
 
 
 def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, scale: float, storage: str,
-            meta_dtype: str, hadamard_block: int = 0):
-    """Same signature and result as trtllm_sawint4.ops.reference.prefill."""
+            meta_dtype: str, hadamard_block: int = 0, *, config: PrefillConfig | None = None):
+    """Same signature and result as trtllm_sawint4.ops.reference.prefill; `config`: the launch tiles
+    (DEFAULT.prefill when None)."""
+    config = config or DEFAULT.prefill
     nq, hq, d = query.shape
     h = pool.shape[2]
     g = hq // h
@@ -184,15 +185,16 @@ def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_mat
     if query.stride(-1) != 1:
         query = query.contiguous()
     interp = pool.device.type == "cpu"
-    block_m, block_n, warps, stages = (CONFIG_BF16 if storage == "bf16" else CONFIG)[d]
+    tile = config.tile(d, storage)
+    block_m, block_n, warps, stages = (tile.block_m, tile.block_n, tile.num_warps, tile.num_stages)
     if interp:
-        block_m, block_n, warps, stages = 16, 16, 4, 1
-    dt = _dot_dtype(query, storage, interp)
+        block_m, block_n, warps, stages = INTERP_TILE
+    dt = triton_dtype(dot_dtype(query.dtype, storage, interp, config.interp_dot_dtype))
     dummy = seq_lens
     grid = (triton.cdiv(nq, block_m) + bsz, hq)
     scratch = torch.empty((nq, hq, d), dtype=torch.float32, device=query.device) if v_matrix is not None else out
     _prefill_kernel[grid](
-        query, *_pool_views(pool), block_table, seq_lens, query_start_loc,
+        query, *pool_pointers(pool), block_table, seq_lens, query_start_loc,
         q_matrix.contiguous() if q_matrix is not None else dummy,
         v_matrix.contiguous() if v_matrix is not None else dummy, out, scratch,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),

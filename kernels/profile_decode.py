@@ -15,7 +15,7 @@ def main(argv=None) -> int:
     batch = int(argv[0]) if argv else 64
     ctx = int(argv[1]) if len(argv) > 1 else 8192
     storage = argv[2] if len(argv) > 2 else "int4"
-    from trtllm_sawint4 import kernels
+    from trtllm_sawint4.kernels.decode import decode
     from trtllm_sawint4.bench import _bf16_pool, _quant_pool
     from trtllm_sawint4.spec import KVCacheSpec
     from trtllm_sawint4.transforms import build_layer_transform
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
-        out = kernels.decode(q, pool, table, sl, tf.q_matrix, None, 0.088, spec.storage, "fp16", tf.hadamard_block)
+        out = decode(q, pool, table, sl, tf.q_matrix, None, 0.088, spec.storage, "fp16", tf.hadamard_block)
     torch.cuda.synchronize()
     print("ok", storage, batch, ctx, float(out.float().abs().mean()))
     return 0

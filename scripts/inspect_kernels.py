@@ -9,7 +9,7 @@ instruction histogram of the longest loop of the SASS. This is how the single-bu
 synchronous metadata loads of the decode kernel were found (docs/kernels.md). Uses the ahead-of-time
 variants of kernels/aot.py (decode unsplit), so no GPU is needed; `decode --one-tile` compiles the
 split decode kernel with one-tile splits instead and reports where its tile loads go; `decode --mma`
-compiles the Gluon decode kernel (kernels/decode_mma.py).
+compiles the Gluon decode kernel (kernels/decode_gluon.py).
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ def _loop_histogram(sass: str):
 
 
 def _compile_split_decode(args, one_tile: bool):
-    """The JIT decode kernel as launched with splits (kernels/decode.py; the AOT variant is unsplit),
+    """The JIT decode kernel as launched with splits (kernels/decode_triton.py; the AOT variant is unsplit),
     compiled for sm_90: needed to see the one-tile path (ONE_TILE)."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
 
-    from trtllm_sawint4.kernels.decode import _decode_kernel
+    from trtllm_sawint4.kernels.decode_triton import _decode_kernel
     from trtllm_sawint4.spec import KVCacheSpec
 
     d = args.head_dim
@@ -67,20 +67,20 @@ def _compile_split_decode(args, one_tile: bool):
 
 
 def _compile_mma_decode(args, fp16: bool):
-    """The Gluon decode kernel (kernels/decode_mma.py; one warp, 2 buffers by default, the q rotation
+    """The Gluon decode kernel (kernels/decode_gluon.py; one warp, 2 buffers by default, the q rotation
     in block-Hadamard form of blocks of 128 unless --rotation-block says otherwise; 0: none) for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from trtllm_sawint4.kernels import decode_mma
+    from trtllm_sawint4.kernels import decode_gluon
 
     ptrs = dict(q_ptr="*bf16", qm_ptr="*fp32", pool_ptr="*u8", poolh_ptr="*fp16", bt_ptr="*i32", sl_ptr="*i32", po_ptr="*fp32",
                 pl_ptr="*fp32")
     scalars = dict(stride_qb="i32", stride_qh="i32", stride_bt="i32", qk_scale="fp32", tiles_per_split="i32")
     constexprs = dict(H=8, G=4, T=64, REGION=64 * (64 + 4), FP16=fp16, STAGES=args.stages or 2,
                       HB=128 if args.rotation_block is None else args.rotation_block)
-    src = GluonASTSource(fn=decode_mma._decode_mma_kernel, signature={**ptrs, **scalars,
+    src = GluonASTSource(fn=decode_gluon._decode_mma_kernel, signature={**ptrs, **scalars,
                                                                       **{k: "constexpr" for k in constexprs}},
                          constexprs=constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--one-tile", action="store_true",
                    help="decode: the split kernel with one-tile splits (ONE_TILE), and where its tile loads go")
     p.add_argument("--mma", action="store_true",
-                   help="decode: the Gluon kernel of kernels/decode_mma.py (saw_int4/int4, head_dim 128, G 4)")
+                   help="decode: the Gluon kernel of kernels/decode_gluon.py (saw_int4/int4, head_dim 128, G 4)")
     p.add_argument("--fp16", action="store_true", help="--mma: fp16 queries (default bf16)")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)

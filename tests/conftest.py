@@ -31,7 +31,7 @@ def K():
     import sys
 
     pytest.importorskip("triton")
-    names = ("_common", "_tiles", "append", "decode", "prefill")
+    names = ("_common", "_tiles", "_reduce", "decode_triton", "decode_gluon", "append", "decode", "prefill")
     mods = {name: importlib.import_module(f"trtllm_sawint4.kernels.{name}") for name in names}
     kernel = getattr(sys.modules["trtllm_sawint4.kernels.append"], "_append_kernel", None)
     if type(kernel).__name__ != "InterpretedFunction":

@@ -18,6 +18,10 @@ triton = pytest.importorskip("triton")
 _USABLE = (os.environ.get("TRITON_INTERPRET") == "1"
            and type(sys.modules["triton.language.standard"].max).__name__ == "InterpretedFunction")
 
+from dataclasses import replace  # noqa: E402
+
+from trtllm_sawint4.kernels.config import DEFAULT, SplitMerge  # noqa: E402
+from trtllm_sawint4.kernels.schedule import split_count  # noqa: E402
 from trtllm_sawint4.ops import reference as ref  # noqa: E402
 from trtllm_sawint4.quant import unpack_int4  # noqa: E402
 from trtllm_sawint4.spec import KVCacheSpec  # noqa: E402
@@ -48,7 +52,7 @@ def K():
     """The kernel modules, (re)imported with the interpreter on (triton reads it when decorating)."""
     if not _USABLE:
         pytest.skip("runs under TRITON_INTERPRET=1: see test_in_subprocess")
-    names = ("_common", "_tiles", "append", "decode", "prefill")
+    names = ("_common", "_tiles", "_reduce", "decode_triton", "decode_gluon", "append", "decode", "prefill")
     stale = any(f"trtllm_sawint4.kernels.{n}" in sys.modules for n in names) and not _interpreted()
     mods = {}
     for name in names:
@@ -207,7 +211,7 @@ def test_decode(K, fmt, meta, d, h, group, t, lens, dtype, splits):
 
 @pytest.mark.parametrize("fmt,meta,t", [("saw_int4", "fp16", 16), ("int4", "fp32", 8), ("int8", "fp16", 32),
                                          ("bf16", "fp16", 16)])
-def test_decode_one_tile_splits(K, monkeypatch, fmt, meta, t):
+def test_decode_one_tile_splits(K, fmt, meta, t):
     """Splits of one tile (ONE_TILE: the tile is loaded before the q transform) give the reference's
     result and the same bits as the loop over that one tile."""
     torch.manual_seed(6)
@@ -224,17 +228,18 @@ def test_decode_one_tile_splits(K, monkeypatch, fmt, meta, t):
     got = K["decode"].decode(*args, num_splits=splits)
     want = ref.decode(*args)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
-    monkeypatch.setattr(K["decode"], "ONE_TILE_EARLY_LOADS", False)
-    assert torch.equal(K["decode"].decode(*args, num_splits=splits), got)
+    assert K["decode"].schedule_for(q, pool, table, tf.q_matrix, tf.v_matrix, spec.storage, meta, tf.hadamard_block,
+                                    num_splits=splits).one_tile
+    looped = replace(DEFAULT.decode, one_tile_early_loads=False)
+    assert torch.equal(K["decode"].decode(*args, num_splits=splits, config=looped), got)
 
 
 @pytest.mark.parametrize("rotate_v", [False, True])
 @pytest.mark.parametrize("tile_elems", [None, 64])
-def test_decode_reduce_paths(K, monkeypatch, rotate_v, tile_elems):
+def test_decode_reduce_paths(K, rotate_v, tile_elems):
     """The split merge: one load of all splits, and (tile_elems 64 -> 2 splits per load) the
     two-pass loop that long contexts at batch 1 take; with and without the V rotation."""
-    if tile_elems is not None:
-        monkeypatch.setattr(K["decode"], "REDUCE_TILE_ELEMS", tile_elems)
+    cfg = DEFAULT.decode if tile_elems is None else replace(DEFAULT.decode, merge=SplitMerge(tile_elems=tile_elems))
     torch.manual_seed(5)
     d, h, group, t, lens = 32, 2, 3, 8, [0, 61, 9, 40]
     spec = _spec("saw_int4", d, h, t, "fp16", rotate_v=rotate_v)
@@ -245,13 +250,14 @@ def test_decode_reduce_paths(K, monkeypatch, rotate_v, tile_elems):
     sl = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn(len(lens), h * group, d).to(torch.bfloat16)
     want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, d ** -0.5, "int4", "fp16")
-    got = K["decode"].decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, d ** -0.5, "int4", "fp16", num_splits=5)
+    got = K["decode"].decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, d ** -0.5, "int4", "fp16", num_splits=5,
+                             config=cfg)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     assert torch.count_nonzero(got[0]) == 0
 
 
-def test_plan_splits_host_only(K):
-    plan = K["decode"].plan_splits
+def test_plan_splits_host_only():
+    plan = split_count
     s, tps = plan(64, 8, 8192, 64, 132, 2, 2)
     assert s * tps >= 8192 // 64 and (s - 1) * tps < 8192 // 64
     assert plan(1, 8, 64, 64, 132, 2, 2) == (1, 1)
@@ -362,8 +368,6 @@ def test_block_hadamard_path(K, d, block, calibrated):
 def test_int4_code_offset_path_fp16(K, fmt, meta, d, t, lens):
     """The GPU path feeds INT4 codes to the dot as fp16 1024 + c (bf16: 128 + c) and cancels the
     offset exactly; run that algebra with fp16 operands under the interpreter."""
-    import triton.language as tl
-
     torch.manual_seed(6)
     h, group = 2, 3
     spec = _spec(fmt, d, h, t, meta, rotate_v=True)
@@ -374,32 +378,31 @@ def test_int4_code_offset_path_fp16(K, fmt, meta, d, t, lens):
     sl = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn(len(lens), h * group, d).half()
     scale = d ** -0.5
-    K["decode"].INTERP_DOT_DTYPE = tl.float16
-    try:
-        want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, scale, "int4", meta)
-        got = K["decode"].decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, scale, "int4", meta, num_splits=2)
-        err = (got.float() - want.float()).norm() / want.float().norm()
-        assert err < 1e-2, f"decode relative error {err:.2e}"
-        q_lens = [min(l, 20) for l in lens]
-        qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        qp = torch.randn(int(qsl[-1]), h * group, d).half()
-        want = ref.prefill(qp, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale, "int4", meta)
-        got = K["prefill"].prefill(qp, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale, "int4", meta)
-        err = (got.float() - want.float()).norm() / want.float().norm()
-        assert err < 1e-2, f"prefill relative error {err:.2e}"
-    finally:
-        K["decode"].INTERP_DOT_DTYPE = None
+    dcfg = replace(DEFAULT.decode, interp_dot_dtype="fp16")
+    pcfg = replace(DEFAULT.prefill, interp_dot_dtype="fp16")
+    want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, scale, "int4", meta)
+    got = K["decode"].decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, scale, "int4", meta, num_splits=2,
+                             config=dcfg)
+    assert K["decode"].schedule_for(q, pool, table, tf.q_matrix, tf.v_matrix, "int4", meta, config=dcfg,
+                                    num_splits=2).dot_dtype == "fp16"
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert err < 1e-2, f"decode relative error {err:.2e}"
+    q_lens = [min(l, 20) for l in lens]
+    qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    qp = torch.randn(int(qsl[-1]), h * group, d).half()
+    want = ref.prefill(qp, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale, "int4", meta)
+    got = K["prefill"].prefill(qp, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale, "int4", meta, config=pcfg)
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert err < 1e-2, f"prefill relative error {err:.2e}"
 
 
 def test_split_plan_of_the_tuned_regimes():
     """The split counts the H200 measurements were taken with (docs/kernels.md, sessions 2 and 4):
     the "many" regime splits long contexts in 2-3 and leaves <= 2k tokens whole; "few" aims at 4
     waves (3 splits at 32 x 8k, 2 at 9/3 x 128); "tiny" splits down to single 64-token tiles."""
-    from trtllm_sawint4.kernels.decode import CONFIG, plan_splits
-
     def splits(regime, batch, heads, ctx):
-        c = CONFIG[regime]
-        return plan_splits(batch, heads, ctx, c["block_n"], 132, c["waves"], c["min_tiles_per_split"])[0]
+        c = DEFAULT.decode.tile(regime)
+        return split_count(batch, heads, ctx, c.block_n, 132, c.waves, c.min_tiles_per_split)[0]
 
     assert [splits("many", 64, 8, n) for n in (1024, 2048, 8192, 32768)] == [1, 1, 3, 3]
     assert splits("many", 128, 8, 8192) == 2

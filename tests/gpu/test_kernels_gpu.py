@@ -7,6 +7,10 @@ import torch
 
 pytestmark = pytest.mark.gpu
 
+import types  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from trtllm_sawint4.kernels.config import DEFAULT  # noqa: E402
 from trtllm_sawint4.layout import pool_views  # noqa: E402
 from trtllm_sawint4.ops import reference as ref  # noqa: E402
 from trtllm_sawint4.quant import unpack_int4  # noqa: E402
@@ -24,7 +28,14 @@ def K():
 
     if not kernels.HAVE_TRITON:
         pytest.skip("needs triton")
-    return kernels
+    from trtllm_sawint4.kernels import append, decode, prefill
+
+    return types.SimpleNamespace(append=append.append, decode=decode.decode, prefill=prefill.prefill,
+                                 decode_module=decode)
+
+
+#: the shipped decode config, and with the Gluon kernel switched off (the Triton kernel everywhere)
+TRITON_ONLY = replace(DEFAULT.decode, gluon=replace(DEFAULT.decode.gluon, enabled=False))
 
 
 def _spec(fmt, d, h, t, meta="fp16", rotate_v=False):
@@ -141,11 +152,8 @@ DECODE = [
 @pytest.mark.parametrize("fmt,meta,d,h,group,t", DECODE)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mma", [True, False])  # the Gluon kernel where it applies / the Triton kernel only
-def test_decode(K, monkeypatch, fmt, meta, d, h, group, t, dtype, mma):
-    import importlib
-
-    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
-    monkeypatch.setattr(dmod, "MMA_DECODE", mma)
+def test_decode(K, fmt, meta, d, h, group, t, dtype, mma):
+    cfg = DEFAULT.decode if mma else TRITON_ONLY
     torch.manual_seed(1)
     lens = [0, 1, 700, 3001, 130, 4096, 65]
     spec = _spec(fmt, d, h, t, meta, rotate_v=d != 256)
@@ -160,7 +168,7 @@ def test_decode(K, monkeypatch, fmt, meta, d, h, group, t, dtype, mma):
     # the transforms both as dense matrices and in block-Hadamard form (the cache's path)
     for splits, rb in ((None, tf.hadamard_block), (1, tf.hadamard_block), (7, tf.hadamard_block), (None, 0), (7, 0)):
         got = K.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta, rb,
-                       num_splits=splits)
+                       num_splits=splits, config=cfg)
         assert got.dtype == dtype
         assert torch.count_nonzero(got[0]) == 0
         _close(got[1:], want[1:])
@@ -168,14 +176,10 @@ def test_decode(K, monkeypatch, fmt, meta, d, h, group, t, dtype, mma):
 
 @pytest.mark.parametrize("regime", ["many", "few", "tiny"])
 @pytest.mark.parametrize("fmt,t", [("saw_int4", 64), ("saw_int4", 16), ("int4", 128)])
-def test_decode_each_tile_config(K, monkeypatch, regime, fmt, t):
-    """Every tile config of kernels.decode.CONFIG (the Triton kernel), split and unsplit, whatever
+def test_decode_each_tile_config(K, regime, fmt, t):
+    """Every regime's tile of kernels.config.DEFAULT (the Triton kernel), split and unsplit, whatever
     shape selects it (the shapes that select "many" are too big for a quick reference comparison)."""
-    import importlib
-
-    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
-    monkeypatch.setattr(dmod, "tile_config", lambda *a: dmod.CONFIG[regime])
-    monkeypatch.setattr(dmod, "MMA_DECODE", False)
+    cfg = TRITON_ONLY.with_every_tile(DEFAULT.decode.tile(regime))
     torch.manual_seed(2)
     lens = [1, 700, 3001, 4096, 65, 2048]
     spec = _spec(fmt, 128, 4, t)
@@ -188,7 +192,7 @@ def test_decode_each_tile_config(K, monkeypatch, regime, fmt, t):
     want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16")
     for splits in (None, 1, 3, 10**4):  # 10**4: one tile per split (the ONE_TILE early-load path)
         got = K.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16",
-                       tf.hadamard_block, num_splits=splits)
+                       tf.hadamard_block, num_splits=splits, config=cfg)
         _close(got, want)
 
 
@@ -223,17 +227,11 @@ MMA_CASES = [  # fmt, group, t, rotate_v: inside the Gluon kernel's scope (head_
 
 @pytest.mark.parametrize("fmt,group,t,rotate_v", MMA_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decode_mma_kernel(K, monkeypatch, fmt, group, t, rotate_v, dtype):
-    """The Gluon kernel (kernels/decode_mma.py) against the reference: ragged lengths (partial tiles,
+def test_decode_mma_kernel(K, fmt, group, t, rotate_v, dtype):
+    """The Gluon kernel (kernels/decode_gluon.py) against the reference: ragged lengths (partial tiles,
     one token, zero), shuffled blocks, ids past each sequence that must not be read, every split
     count from one tile per split to one split; and the dispatch really takes it."""
-    import importlib
-
-    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
-    calls = []
-    real = dmod._decode_mma
-    monkeypatch.setattr(dmod, "_decode_mma", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(dmod, "TINY_TOKEN_HEADS", 0)  # (these shapes would be "tiny")
+    cfg = replace(DEFAULT.decode, tiny_token_heads=0)  # (these shapes would be "tiny")
     torch.manual_seed(4)
     lens = [0, 1, 63, 64, 65, 700, 3001, 4096, 129]
     h = 4
@@ -246,12 +244,13 @@ def test_decode_mma_kernel(K, monkeypatch, fmt, group, t, rotate_v, dtype):
     q = torch.randn(len(lens), h * group, 128, device=DEV).to(dtype)
     want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16")
     for splits in (None, 1, 5, 10**4):
+        assert K.decode_module.schedule_for(q, pool, table, tf.q_matrix, tf.v_matrix, spec.storage, "fp16",
+                                            tf.hadamard_block, config=cfg, num_splits=splits).backend == "gluon"
         got = K.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16",
-                       tf.hadamard_block, num_splits=splits)
+                       tf.hadamard_block, num_splits=splits, config=cfg)
         assert got.dtype == dtype
         assert torch.count_nonzero(got[0]) == 0
         _close(got[1:], want[1:])
-    assert len(calls) == 4
 
 
 @pytest.mark.parametrize("rotate_v", [True, False])  # the V-rotating merge / the plain one

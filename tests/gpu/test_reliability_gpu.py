@@ -22,12 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 pytestmark = pytest.mark.gpu
 
 from trtllm_sawint4 import ChannelCalibration, KVCacheSpec, PagedKVCache, build_layer_transform  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from trtllm_sawint4.kernels.config import DEFAULT  # noqa: E402
 from trtllm_sawint4.layout import pool_views  # noqa: E402
 from trtllm_sawint4.ops import dispatch  # noqa: E402
 from trtllm_sawint4.ops import reference as ref  # noqa: E402
 
 DEV = "cuda"
 F16_MAX = 65504.0
+#: the shipped decode config without the "tiny" regime (the small shapes here would be "tiny", where the
+#: Gluon kernel is not used)
+NOT_TINY = replace(DEFAULT.decode, tiny_token_heads=0)
 
 
 @pytest.fixture(scope="module")
@@ -224,19 +230,19 @@ def test_sanitizer_decode_many_splits(K, num_splits):
 
 @pytest.mark.parametrize("fmt", ["int4", "saw_int4_v"])
 @pytest.mark.parametrize("num_splits", [None, 2, 10**4])
-def test_sanitizer_decode_mma(K, monkeypatch, fmt, num_splits):
-    """The Gluon decode kernel (kernels/decode_mma.py) over mixed lengths (0, partial tiles, several
+def test_sanitizer_decode_mma(K, fmt, num_splits):
+    """The Gluon decode kernel (kernels/decode_gluon.py) over mixed lengths (0, partial tiles, several
     blocks) with junk past each table row, fp16 queries: matches the reference, never writes the pool."""
     dmod = K["decode_module"]
-    monkeypatch.setattr(dmod, "TINY_TOKEN_HEADS", 0)
     spec = _spec(fmt, d=128, t=64)
     tf = _tf(spec, calibrated=spec.rotated)
     pool, table, lens = _small_cache_case(spec, tf, [0, 5, 300, 64])
-    assert dmod.mma_applies(4, 2, 128, 4, 64, "int4", "fp16", torch.float16, table.shape[1] * 64, 132, True)
     q = torch.randn(4, 8, 128, device=DEV, dtype=torch.float16)
     args = (pool, table, lens, tf.q_matrix, tf.v_matrix, 0.088, spec.storage, spec.metadata_dtype)
+    assert dmod.schedule_for(q, pool, table, tf.q_matrix, tf.v_matrix, spec.storage, spec.metadata_dtype,
+                             config=NOT_TINY, num_splits=num_splits).backend == "gluon"
     snap = pool.clone()
-    got = dmod.decode(q, *args, num_splits=num_splits)
+    got = dmod.decode(q, *args, num_splits=num_splits, config=NOT_TINY)
     torch.cuda.synchronize()
     assert torch.equal(pool, snap)
     want = ref.decode(q, *args)
@@ -387,10 +393,9 @@ def test_nonfinite_tokens_poison_exactly_the_decode_queries_that_see_them(K, fmt
 
 
 @pytest.mark.parametrize("fmt, where", [(f, w) for f in ["int4", "saw_int4_v"] for w in ["k", "v"]])
-def test_nonfinite_tokens_poison_exactly_the_decode_queries_that_see_them_mma(K, monkeypatch, fmt, where):
+def test_nonfinite_tokens_poison_exactly_the_decode_queries_that_see_them_mma(K, fmt, where):
     """The same through the Gluon kernel (head_dim 128, 64-token blocks): one token per sequence."""
     dmod = K["decode_module"]
-    monkeypatch.setattr(dmod, "TINY_TOKEN_HEADS", 0)
     spec = _spec(fmt, d=128, t=64)
     tf = _tf(spec)
     rows = edge_rows(128)
@@ -405,8 +410,9 @@ def test_nonfinite_tokens_poison_exactly_the_decode_queries_that_see_them_mma(K,
     args = (pool, torch.arange(n, dtype=torch.int32, device=DEV)[:, None], torch.ones(n, dtype=torch.int32,
                                                                                        device=DEV),
             tf.q_matrix, tf.v_matrix, 0.088, spec.storage, spec.metadata_dtype)
-    assert dmod.mma_applies(n, 2, 128, 4, 64, "int4", "fp16", torch.bfloat16, 64, 132, True)
-    got, want = K["decode"](q, *args), ref.decode(q, *args)
+    assert dmod.schedule_for(q, args[0], args[1], tf.q_matrix, tf.v_matrix, spec.storage, spec.metadata_dtype,
+                             config=NOT_TINY).backend == "gluon"
+    got, want = K["decode"](q, *args, config=NOT_TINY), ref.decode(q, *args)
     nonfinite = ~torch.isfinite(rows).all(-1).to(DEV)
     assert bool(torch.isnan(got[nonfinite, :4]).all())
     assert bool(torch.isfinite(got[~nonfinite]).all()) and bool(torch.isfinite(got[:, 4:]).all())

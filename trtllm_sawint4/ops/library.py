@@ -1,8 +1,8 @@
 """`torch.ops.sawint4.{append,decode,prefill}`: the public custom ops.
 
 Every device runs the argument checks first. They then run the implementation that
-`dispatch` picks: the Triton kernels on CUDA when `trtllm_sawint4.kernels` has registered
-them, else the PyTorch reference. The fake implementations (shape checks, then empty outputs) make the ops
+`dispatch` picks: the Triton kernels on CUDA (when triton is installed),
+else the PyTorch reference. The fake implementations (shape checks, then empty outputs) make the ops
 traceable by torch.compile.
 """
 

@@ -9,6 +9,7 @@ of at least `schedule.workspace_elems` fp32 values; without them it plans here f
 from __future__ import annotations
 
 import torch
+from triton.compiler.errors import CompilationError
 
 from trtllm_sawint4.spec import StorageFormat
 
@@ -41,7 +42,7 @@ def decode_shape(pool: torch.Tensor, block_table_shape, query_heads: int, head_d
 def plan(shape: DecodeShape, device: torch.device, config: DecodeConfig | None = None,
          num_splits: int | None = None) -> DecodeSchedule:
     """The schedule of a decode step of `shape` on `device` (host only)."""
-    return plan_decode(shape, config or DEFAULT.decode, num_sms(device), decode_gluon.HAVE_GLUON,
+    return plan_decode(shape, config or DEFAULT.decode, num_sms(device), decode_gluon.available(),
                        interpreter=device.type == "cpu", num_splits=num_splits)
 
 
@@ -102,11 +103,21 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
                             q_matrix is not None and hadamard_block == 0)
         if schedule.shape != want:
             raise ValueError(f"schedule: planned for {schedule.shape}, but the call is {want}; plan the step again")
+    if schedule.backend == "gluon" and not decode_gluon.available():  # switched off since it was planned
+        schedule = plan(schedule.shape, query.device, config, num_splits)
+        workspace = None
     po, pl, qp = workspace_views(schedule, workspace, query.device)
     if schedule.backend == "gluon":
-        decode_gluon.run(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, t, hadamard_block, schedule,
-                         out, po, pl, qp)
-    else:
+        try:
+            decode_gluon.run(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, t, hadamard_block,
+                             schedule, out, po, pl, qp)
+            return out
+        except CompilationError as e:  # this Triton's Gluon cannot build it: the Triton kernel serves from now on
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            decode_gluon.switch_off(f"{type(e).__name__}: {lines[-1] if lines else ''}")
+            schedule = plan(schedule.shape, query.device, config, num_splits)
+            po, pl, qp = workspace_views(schedule, None, query.device)
+    if schedule.backend == "triton":
         decode_triton.run(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, fmt, t, hadamard_block,
                           schedule, out, po, pl)
     return out

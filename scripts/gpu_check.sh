@@ -19,7 +19,8 @@ case "${1:-tests}" in
     workers=()
     python3 -c "import xdist" 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-6}")
     timeout 580 python3 -m pytest -m gpu -q -p no:cacheprovider "${workers[@]}" tests/gpu/test_kernels_gpu.py \
-      tests/gpu/test_aot_launcher_gpu.py tests/gpu/test_model_gpu.py tests/gpu/test_reliability_gpu.py -rfE \
+      tests/gpu/test_aot_launcher_gpu.py tests/gpu/test_model_gpu.py tests/gpu/test_reliability_gpu.py \
+      tests/gpu/test_trtllm_gpu.py -rfE \
       2>&1 | tee "$out/gpu_tests.txt" | tail -40
     ;;
   soak)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..build_scripts.aot import AotKernel, AotParam
+from trtllm_sawint4.aot_manifest import AotKernel, AotParam
+from trtllm_sawint4.spec import KVCacheSpec
+
 from ._common import LOG2E
 from .append import _append_kernel
 from .config import DEFAULT, KernelConfig
@@ -66,8 +68,6 @@ def model_kernels(head_dim: int, num_heads: int, num_kv_heads: int, tokens_per_b
                   config: KernelConfig = DEFAULT, **_unused) -> list[AotKernel]:
     """The append, decode and prefill kernels of one model configuration (prefill tiles and append's
     bf16 precision from `config`)."""
-    from ..spec import KVCacheSpec
-
     spec = KVCacheSpec(head_dim, num_kv_heads, tokens_per_block, kv_format, rotate_v=rotate_v)
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")

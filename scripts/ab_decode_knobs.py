@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from trtllm_sawint4.bench import decode_case
+from trtllm_sawint4.bench_cases import decode_case
 from trtllm_sawint4.kernels import decode as decode_kernel
 from trtllm_sawint4.kernels.config import DEFAULT
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from trtllm_sawint4.bench import decode_case
+from trtllm_sawint4.bench_cases import decode_case
 from trtllm_sawint4.kernels.decode import decode
 
 SHAPES = [(32, 8, 128, 1, 2048), (32, 8, 128, 1, 32768), (32, 8, 128, 8, 1024), (32, 8, 128, 8, 2048),

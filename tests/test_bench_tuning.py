@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from trtllm_sawint4 import bench
+from trtllm_sawint4 import bench, bench_cases
 from trtllm_sawint4.kernels.config import DEFAULT
 
 pytest.importorskip("triton")
@@ -64,7 +64,7 @@ def test_decode_case_builds_a_consistent_shape():
 
     from trtllm_sawint4.ops import reference as ref
 
-    c = bench.decode_case(9, 3, 64, 2, 128, t=64, device="cpu")
+    c = bench_cases.decode_case(9, 3, 64, 2, 128, t=64, device="cpu")
     assert sorted(c.table.flatten().tolist()) == list(range(4)) and c.seq_lens.tolist() == [128, 128]
     assert c.q.shape == (2, 9, 64) and c.k.shape == c.v.shape == (2, 3, 128, 64)
     out = ref.decode(c.q, c.pool, c.table, c.seq_lens, c.tf.q_matrix, None, 0.125, "int4", "fp16")

@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import asdict, replace
 
+from .bench_cases import bf16_pool, calibrated_transform, quant_pool
 from .spec import TOKENS_PER_BLOCK
 
 L2_BYTES = 60 * 2**20
@@ -99,61 +100,6 @@ def measure_bandwidth(rep_ms: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ decode
-def _quant_pool(spec, num_blocks, device):
-    """A pool of random codes with sane fp16 metadata (scale ~U(0.02, 0.2), min ~ -8 s)."""
-    import torch
-
-    from .layout import pool_views
-
-    pool = torch.randint(0, 256, spec.pool_shape(num_blocks), dtype=torch.uint8, device=device)
-    views = pool_views(pool, spec.head_dim, spec.storage, spec.metadata_dtype)
-    views.scale.copy_((torch.rand(views.scale.shape, device=device) * 0.18 + 0.02).to(views.scale.dtype))
-    views.vmin.copy_((-8 * views.scale.float()).to(views.vmin.dtype))
-    return pool
-
-
-def _bf16_pool(spec, num_blocks, device):
-    import torch
-
-    pool = torch.empty(spec.pool_shape(num_blocks), dtype=torch.uint8, device=device)
-    pool.view(torch.bfloat16).normal_()
-    return pool
-
-
-def decode_case(hq, hkv, d, batch, ctx, t=64, device="cuda"):
-    """One decode shape's inputs for the GPU scripts (scripts/decode_breakdown.py,
-    scripts/sweep_decode_small.py): the saw_int4 layer transform, a random INT4 pool behind a shuffled
-    block table, full lengths, a bf16 query, and contiguous bf16 K/V for SDPA."""
-    import types
-
-    import torch
-
-    from .spec import KVCacheSpec
-    from .transforms import build_layer_transform
-
-    spec = KVCacheSpec(d, hkv, t, kv_format="saw_int4")
-    nb = batch * ctx // t
-    k = torch.randn(batch, hkv, ctx, d, device=device, dtype=torch.bfloat16)
-    return types.SimpleNamespace(
-        tf=build_layer_transform(spec).to(device), pool=_quant_pool(spec, nb, device),
-        table=torch.randperm(nb, device=device).int().view(batch, -1),
-        seq_lens=torch.full((batch,), ctx, dtype=torch.int32, device=device),
-        q=torch.randn(batch, hq, d, device=device, dtype=torch.bfloat16), k=k, v=torch.randn_like(k))
-
-
-def _calibrated_transform(spec, device, seed=0):
-    """The layer transform with random channel statistics (mean, scale in [0.5, 1.5)): the calibrated
-    variant of the format (append then also adds the channel bias)."""
-    import torch
-
-    from .transforms import build_layer_transform
-
-    g = torch.Generator().manual_seed(seed)
-    mean = torch.randn(spec.num_kv_heads, spec.head_dim, generator=g)
-    scale = torch.rand(spec.num_kv_heads, spec.head_dim, generator=g) + 0.5
-    return build_layer_transform(spec, mean, scale).to(device)
-
-
 def bench_decode_point(hq, hkv, d, batch, ctx, t, rep_ms, peak_tbps, mem_limit_gb, config=None):
     import torch
     import torch.nn.functional as F
@@ -214,9 +160,9 @@ def bench_decode_point(hq, hkv, d, batch, ctx, t, rep_ms, peak_tbps, mem_limit_g
         torch.cuda.empty_cache()
         return ms
 
-    row["bf16_paged_ms"] = paged(spec16, _bf16_pool, None, "bf16", bytes16)
-    row["int4_ms"] = paged(spec4, _quant_pool, None, "int4", bytes4)
-    row["saw_int4_ms"] = paged(spec4, _quant_pool, tf.q_matrix, "int4", bytes4, tf.hadamard_block)
+    row["bf16_paged_ms"] = paged(spec16, bf16_pool, None, "bf16", bytes16)
+    row["int4_ms"] = paged(spec4, quant_pool, None, "int4", bytes4)
+    row["saw_int4_ms"] = paged(spec4, quant_pool, tf.q_matrix, "int4", bytes4, tf.hadamard_block)
     row["saw_int4_tbps"] = bytes4 / row["saw_int4_ms"] / 1e9
     row["saw_int4_frac_bw"] = row["saw_int4_tbps"] / peak_tbps
     row["bf16_paged_tbps"] = bytes16 / row["bf16_paged_ms"] / 1e9
@@ -243,7 +189,7 @@ def bench_append(rep_ms, t, config=None):
         nb = n // t + 1
         for fmt in ("saw_int4", "saw_int4_calib", "int4", "bf16"):
             spec = KVCacheSpec(d, h, t, kv_format=fmt.removesuffix("_calib"))
-            tf = _calibrated_transform(spec, dev) if fmt.endswith("_calib") else build_layer_transform(spec).to(dev)
+            tf = calibrated_transform(spec, dev) if fmt.endswith("_calib") else build_layer_transform(spec).to(dev)
             nbytes = 2 * n * h * d * 2 + n * spec.bytes_per_token
 
             def make():
@@ -322,7 +268,7 @@ def bench_prefill(rep_ms, t, mem_limit_gb, config=None):
                 spec = KVCacheSpec(d, hkv, t, kv_format=fmt)
                 tf = build_layer_transform(spec).to(dev)
                 nb = -(-total // t)
-                pool = _quant_pool(spec, nb, dev) if fmt != "bf16" else _bf16_pool(spec, nb, dev)
+                pool = quant_pool(spec, nb, dev) if fmt != "bf16" else bf16_pool(spec, nb, dev)
                 table = torch.randperm(nb, device=dev).to(torch.int32).view(1, nb)
                 sl = torch.tensor([total], dtype=torch.int32, device=dev)
                 qsl = torch.tensor([0, chunk], dtype=torch.int32, device=dev)
@@ -505,7 +451,7 @@ def tune_prefill(rep_ms, t, config):
         spec = KVCacheSpec(d, hkv, t, kv_format=fmt)
         tf = build_layer_transform(spec).to("cuda")
         nb = -(-total // t)
-        pool = _quant_pool(spec, nb, "cuda") if fmt != "bf16" else _bf16_pool(spec, nb, "cuda")
+        pool = quant_pool(spec, nb, "cuda") if fmt != "bf16" else bf16_pool(spec, nb, "cuda")
         table = torch.randperm(nb, device="cuda").to(torch.int32).view(1, nb)
         best = (float("inf"), pcfg.tile(d, spec.storage))
         for bm, bn, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), TUNE_PREFILL_STAGES):
@@ -540,7 +486,7 @@ def _decode_int4_only(hq, hkv, d, batch, ctx, t, rep_ms, decode_config, rotated=
     tf = build_layer_transform(spec).to("cuda")
     nb = batch * (ctx // t)
     nbytes = batch * ctx * spec.bytes_per_token
-    sets = _Cycle(_rotating(lambda: (_quant_pool(spec, nb, "cuda"),
+    sets = _Cycle(_rotating(lambda: (quant_pool(spec, nb, "cuda"),
                                      torch.randperm(nb, device="cuda").int().view(batch, -1)), nbytes))
     q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
     sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")

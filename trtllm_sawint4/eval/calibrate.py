@@ -13,19 +13,19 @@ import sys
 import time
 
 from .data import EvalError, require
-from .main import DEFAULT_SCALE_POWER, _int_at_least, _power, add_model_arguments
+from .main import DEFAULT_SCALE_POWER, add_model_arguments, int_at_least, scale_power_arg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="calibration file to write (torch.save dict)")
     add_model_arguments(parser)
-    parser.add_argument("--tokens", type=_int_at_least(1, "--tokens"), default=4096,
+    parser.add_argument("--tokens", type=int_at_least(1, "--tokens"), default=4096,
                         help="calibration tokens (default 4096)")
-    parser.add_argument("--window-len", type=_int_at_least(8, "--window-len"), default=512,
+    parser.add_argument("--window-len", type=int_at_least(8, "--window-len"), default=512,
                         help="tokens per forward pass (default 512)")
-    parser.add_argument("--scale-power", type=_power, default=DEFAULT_SCALE_POWER,
+    parser.add_argument("--scale-power", type=scale_power_arg, default=DEFAULT_SCALE_POWER,
                         help=f"ChannelCalibration scale_power (default {DEFAULT_SCALE_POWER})")
-    parser.add_argument("--threads", type=_int_at_least(1, "--threads"), help="torch CPU threads")
+    parser.add_argument("--threads", type=int_at_least(1, "--threads"), help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

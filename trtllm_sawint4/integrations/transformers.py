@@ -40,7 +40,7 @@ from ..spec import KVCacheSpec
 
 ATTN_IMPLEMENTATION = "sawint4_paged"
 
-__all__ = ["ATTN_IMPLEMENTATION", "SawInt4Cache", "KeyRecorderCache", "sawint4_paged_attention",
+__all__ = ["ATTN_IMPLEMENTATION", "SawInt4Cache", "KeyRecorderCache", "sawint4_paged_attention", "model_dims",
            "spec_for_config", "register"]
 
 
@@ -70,7 +70,7 @@ def _text_config(config):
     return get(decoder=True) if get is not None else config
 
 
-def _model_dims(config) -> tuple[int, int, int]:
+def model_dims(config) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of a decoder config."""
     cfg = _text_config(config)
     heads = cfg.num_attention_heads
@@ -85,7 +85,7 @@ def _model_dims(config) -> tuple[int, int, int]:
 
 def spec_for_config(config, kv_format: str = "saw_int4", **options) -> KVCacheSpec:
     """The KVCacheSpec of a transformers model config (head_dim and KV heads from the config)."""
-    _, kv_heads, head_dim = _model_dims(config)
+    _, kv_heads, head_dim = model_dims(config)
     return KVCacheSpec(head_dim=head_dim, num_kv_heads=kv_heads, kv_format=kv_format, **options)
 
 
@@ -163,7 +163,7 @@ class SawInt4Cache(Cache):
         if paged is None:
             if config is None:
                 raise ValueError("SawInt4Cache needs the model (or its config) or an existing PagedKVCache (paged=)")
-            num_layers, kv_heads, head_dim = _model_dims(config)
+            num_layers, kv_heads, head_dim = model_dims(config)
             if spec is None:
                 spec = KVCacheSpec(head_dim=head_dim, num_kv_heads=kv_heads)
             if (spec.head_dim, spec.num_kv_heads) != (head_dim, kv_heads):
@@ -175,8 +175,8 @@ class SawInt4Cache(Cache):
             paged = PagedKVCache(spec, num_layers, blocks, device=device or "cpu", calibration=calibration)
         elif spec is not None and spec != paged.spec:
             raise ValueError("give either spec or paged, not both")
-        elif config is not None and _model_dims(config)[0] != paged.num_layers:
-            raise ValueError(f"the paged cache has {paged.num_layers} layers, the model {_model_dims(config)[0]}")
+        elif config is not None and model_dims(config)[0] != paged.num_layers:
+            raise ValueError(f"the paged cache has {paged.num_layers} layers, the model {model_dims(config)[0]}")
         self.paged = paged
         self.spec = paged.spec
         self.seq_ids: list[int] = []

@@ -3,29 +3,27 @@ PyTorch reference. The kernels are imported here, from above: they never registe
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 import torch
 
 from . import reference
 
-#: op name -> module of trtllm_sawint4.kernels holding a function of that name (the reference's
-#: signature, plus keyword-only launch arguments).
-KERNEL_MODULES = {"append": "trtllm_sawint4.kernels.append", "decode": "trtllm_sawint4.kernels.decode",
-                  "prefill": "trtllm_sawint4.kernels.prefill"}
 _kernels: dict[str, Callable] | None = None
 
 
 def _load_kernels() -> dict[str, Callable]:
-    """The CUDA kernels by op name, imported on first use (importing triton is slow, and on a CPU
-    machine TRITON_INTERPRET must be decided before it); empty without triton."""
+    """The CUDA kernels by op name (each with the reference's signature, plus keyword-only launch
+    arguments), imported on first use: importing triton is slow, and on a CPU machine TRITON_INTERPRET
+    must be decided before it. Empty without triton."""
     global _kernels
     if _kernels is None:
         try:
-            _kernels = {op: getattr(importlib.import_module(mod), op) for op, mod in KERNEL_MODULES.items()}
+            from trtllm_sawint4.kernels import append, decode, prefill
         except ImportError:  # no triton: the reference serves CUDA too
             _kernels = {}
+        else:
+            _kernels = {"append": append.append, "decode": decode.decode, "prefill": prefill.prefill}
     return _kernels
 
 

@@ -15,29 +15,7 @@ from trtllm_sawint4.spec import StorageFormat
 
 from . import decode_gluon, decode_triton
 from .config import DEFAULT, DecodeConfig
-from .schedule import DecodeSchedule, DecodeShape, plan_decode
-
-_NUM_SMS: dict[int, int] = {}
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached: a fact of the machine); 8 elsewhere."""
-    if device.type != "cuda":
-        return 8
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _NUM_SMS:
-        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _NUM_SMS[idx]
-
-
-def decode_shape(pool: torch.Tensor, block_table_shape, query_heads: int, head_dim: int, query_dtype: torch.dtype,
-                 storage: str, meta_dtype: str, has_v_matrix: bool, dense_q_matrix: bool) -> DecodeShape:
-    """The DecodeShape of a step from host-side facts (no tensor contents are read)."""
-    h, region = pool.shape[2], pool.shape[-1]
-    t = StorageFormat(storage, meta_dtype).tokens_per_block(head_dim, region)
-    return DecodeShape(int(block_table_shape[0]), h, query_heads // h, head_dim, t, int(block_table_shape[1]), storage,
-                       meta_dtype, query_dtype, has_v_matrix, dense_q_matrix)
-
+from .schedule import DecodeSchedule, DecodeShape, decode_shape, num_sms, plan_decode  # noqa: F401
 
 def plan(shape: DecodeShape, device: torch.device, config: DecodeConfig | None = None,
          num_splits: int | None = None) -> DecodeSchedule:

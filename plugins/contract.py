@@ -285,8 +285,9 @@ def output_shapes(op: str | OpDef, attrs: Mapping[str, Any], shapes: Sequence[Se
 def torch_call(op: str | OpDef, inputs: Sequence, attrs: Mapping[str, Any]):
     """Run the plugin's semantics with `torch.ops.sawint4.<op>` on torch tensors given in plugin
     input order. append mutates `pool` (input 3) and returns it; attention returns `out`."""
-    import torch  # noqa: F401  (the ops register on import)
-    from trtllm_sawint4.ops import library
+    import torch
+
+    import trtllm_sawint4.ops  # noqa: F401  (registers torch.ops.sawint4)
 
     op = op if isinstance(op, OpDef) else op_def(op)
     attrs = validate_attrs(op, attrs)
@@ -296,14 +297,15 @@ def torch_call(op: str | OpDef, inputs: Sequence, attrs: Mapping[str, Any]):
     use = lambda name: t[name] if attrs[f"has_{name}"] else None  # noqa: E731
     storage, meta = attrs["storage"], attrs["meta_dtype"]
     if op is APPEND:
-        library.append(t["pool"], t["key"], t["value"], t["slot_mapping"], use("k_matrix"), use("k_bias"),
-                       use("v_matrix"), storage, meta)
+        torch.ops.sawint4.append(t["pool"], t["key"], t["value"], t["slot_mapping"], use("k_matrix"), use("k_bias"),
+                                 use("v_matrix"), storage, meta)
         return t["pool"]
     if op is PREFILL:
-        return library.prefill(t["query"], t["pool"], t["block_table"], t["seq_lens"], t["query_start_loc"],
-                               use("q_matrix"), use("v_matrix"), attrs["scale"], storage, meta)
-    return library.decode(t["query"], t["pool"], t["block_table"], t["seq_lens"], use("q_matrix"),
-                          use("v_matrix"), attrs["scale"], storage, meta)
+        return torch.ops.sawint4.prefill(t["query"], t["pool"], t["block_table"], t["seq_lens"],
+                                         t["query_start_loc"], use("q_matrix"), use("v_matrix"), attrs["scale"],
+                                         storage, meta)
+    return torch.ops.sawint4.decode(t["query"], t["pool"], t["block_table"], t["seq_lens"], use("q_matrix"),
+                                    use("v_matrix"), attrs["scale"], storage, meta)
 
 
 # ---- ONNX node attributes ---------------------------------------------------------------------

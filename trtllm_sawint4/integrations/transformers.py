@@ -155,9 +155,11 @@ class SawInt4Cache(Cache):
     def __init__(self, config=None, spec: KVCacheSpec | None = None, *, max_tokens: int = 4096, batch_size: int = 1,
                  calibration: ChannelCalibration | None = None, device: str | torch.device | None = None,
                  paged: PagedKVCache | None = None):
+        query_dtype = torch.bfloat16
         if isinstance(config, torch.nn.Module):
-            if device is None:
-                device = next(config.parameters()).device
+            first = next(config.parameters())
+            device = first.device if device is None else device
+            query_dtype = first.dtype
             config = config.config
         self.config = config
         if paged is None:
@@ -172,7 +174,8 @@ class SawInt4Cache(Cache):
             if max_tokens < 1 or batch_size < 1:
                 raise ValueError(f"max_tokens and batch_size must be >= 1, got {max_tokens}, {batch_size}")
             blocks = batch_size * math.ceil(max_tokens / spec.tokens_per_block)
-            paged = PagedKVCache(spec, num_layers, blocks, device=device or "cpu", calibration=calibration)
+            paged = PagedKVCache(spec, num_layers, blocks, device=device or "cpu", calibration=calibration,
+                                 num_query_heads=_text_config(config).num_attention_heads, query_dtype=query_dtype)
         elif spec is not None and spec != paged.spec:
             raise ValueError("give either spec or paged, not both")
         elif config is not None and model_dims(config)[0] != paged.num_layers:

@@ -25,11 +25,11 @@ def plan(shape: DecodeShape, device: torch.device, config: DecodeConfig | None =
 
 
 def schedule_for(query, pool, block_table, q_matrix, v_matrix, storage: str, meta_dtype: str,
-                 hadamard_block: int = 0, *, config: DecodeConfig | None = None,
+                 hadamard_block: int = 0, window: int = 0, *, config: DecodeConfig | None = None,
                  num_splits: int | None = None) -> DecodeSchedule:
     """The schedule `decode` would plan for these arguments."""
     shape = decode_shape(pool, block_table.shape, query.shape[1], query.shape[2], query.dtype, storage, meta_dtype,
-                         v_matrix is not None, q_matrix is not None and hadamard_block == 0)
+                         v_matrix is not None, q_matrix is not None and hadamard_block == 0, window)
     return plan(shape, pool.device, config, num_splits)
 
 
@@ -59,7 +59,7 @@ def workspace_views(schedule: DecodeSchedule, workspace: torch.Tensor | None, de
 
 
 def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float, storage: str, meta_dtype: str,
-           hadamard_block: int = 0, *, schedule: DecodeSchedule | None = None,
+           hadamard_block: int = 0, window: int = 0, *, schedule: DecodeSchedule | None = None,
            workspace: torch.Tensor | None = None, config: DecodeConfig | None = None,
            num_splits: int | None = None):
     """Same signature and result as trtllm_sawint4.ops.reference.decode, plus the launch: `schedule`
@@ -75,10 +75,10 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
         query = query.contiguous()
     if schedule is None:
         schedule = schedule_for(query, pool, block_table, q_matrix, v_matrix, storage, meta_dtype, hadamard_block,
-                                config=config, num_splits=num_splits)
+                                window, config=config, num_splits=num_splits)
     else:
         want = decode_shape(pool, block_table.shape, hq, d, query.dtype, storage, meta_dtype, v_matrix is not None,
-                            q_matrix is not None and hadamard_block == 0)
+                            q_matrix is not None and hadamard_block == 0, window)
         if schedule.shape != want:
             raise ValueError(f"schedule: planned for {schedule.shape}, but the call is {want}; plan the step again")
     if schedule.backend == "gluon" and not decode_gluon.available():  # switched off since it was planned

@@ -60,13 +60,16 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
                    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
                    REGION: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr,
                    HAS_VM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
-                   PREC: tl.constexpr, Q_CHUNK: tl.constexpr = 16, ONE_TILE: tl.constexpr = False):
+                   PREC: tl.constexpr, Q_CHUNK: tl.constexpr = 16, ONE_TILE: tl.constexpr = False,
+                   WINDOW: tl.constexpr = 0):
     """max_tokens: block-table width x T; the block-id loads do not wait for seq_len's. The q matrix
     is read dense even when declared in block-Hadamard form: on the H200 the dense variant measured
     faster at most bench points (docs/kernels.md); only the V merge (_reduce_rotate_kernel) uses the
     block-Hadamard form. ONE_TILE (tiles_per_split == 1): the split's only tile is loaded before the
     q transform, so that its memory latency overlaps the transform's instead of following it (a
-    pipelined loop issues its first loads after it)."""
+    pipelined loop issues its first loads after it). WINDOW > 0: the query (position seq_len - 1) sees
+    only its last WINDOW positions; the splits then cover the tiles from the window's first one
+    (tile (seq_len - WINDOW) // BLOCK_N), whose earlier tokens are masked."""
     # the V rotation is applied by the reduce kernel: the unsplit path has none
     tl.static_assert(SPLIT or not HAS_VM, "decode with v_matrix needs the split path (SPLIT=True)")
     b = tl.program_id(0)
@@ -79,11 +82,20 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
     gmask = g < G
     seq_len = tl.load(sl_ptr + b)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    if WINDOW > 0:
+        first = tl.maximum(seq_len - WINDOW, 0)  # the first position the query sees
+        t_first = first // BLOCK_N
     if ONE_TILE:
-        tmask0 = sp * BLOCK_N + tl.arange(0, BLOCK_N) < seq_len
-        blk0 = _tile_block_ids(bt_row, sp * BLOCK_N, max_tokens, BLOCK_N, T).to(tl.int64)
+        if WINDOW > 0:
+            n0 = (t_first + sp) * BLOCK_N
+            tok0 = n0 + tl.arange(0, BLOCK_N)
+            tmask0 = (tok0 < seq_len) & (tok0 >= first)
+        else:
+            n0 = sp * BLOCK_N
+            tmask0 = sp * BLOCK_N + tl.arange(0, BLOCK_N) < seq_len
+        blk0 = _tile_block_ids(bt_row, n0, max_tokens, BLOCK_N, T).to(tl.int64)
         kbase0 = (blk0 * 2 * H + h) * REGION
-        row0 = _tile_rows(sp * BLOCK_N, BLOCK_N, T)
+        row0 = _tile_rows(n0, BLOCK_N, T)
         k0, k1 = _load_codes(pool_ptr, poolb_ptr, kbase0, row0, tmask0, D, STORAGE)
         v0, v1 = _load_codes(pool_ptr, poolb_ptr, kbase0 + H * REGION, row0, tmask0, D, STORAGE)
         kmeta0 = _load_kv_meta(poolf_ptr, kbase0, row0, tmask0, D, T, STORAGE, META32)
@@ -115,12 +127,15 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
         v_lo, v_hi = _code_values(v0, v1, STORAGE, DT, PREC != 0)
         ks, km = _kv_meta_values(kmeta0, row0, STORAGE, META32)
         vs, vmn = _kv_meta_values(vmeta0, row0, STORAGE, META32)
-        if sp * BLOCK_N < seq_len:  # (a tile of masked tokens alone would turn the softmax state into nan)
+        if n0 < seq_len:  # (a tile of masked tokens alone would turn the softmax state into nan)
             m_i, l_i, acc_lo, acc_hi = _attend_tile(q_lo, q_hi, qsum, k_lo, k_hi, ks, km, v_lo, v_hi, vs, vmn,
                                                     tmask0, m_i, l_i, acc_lo, acc_hi, STORAGE, DT)
     else:
         n_tiles = tl.cdiv(seq_len, BLOCK_N)
-        t0 = sp * tiles_per_split
+        if WINDOW > 0:
+            t0 = t_first + sp * tiles_per_split
+        else:
+            t0 = sp * tiles_per_split
         t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
         # Block ids are read one tile ahead into a loop-carried value: a code load whose address comes
         # from a load in the same iteration gets a single pipeline buffer from Triton's pipeliner. Ids
@@ -128,7 +143,11 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
         id_limit = tl.minimum(max_tokens, (t0 + tiles_per_split) * BLOCK_N)
         blk_next = _tile_block_ids(bt_row, t0 * BLOCK_N, id_limit, BLOCK_N, T)
         for t in range(t0, t1):
-            tmask = t * BLOCK_N + tl.arange(0, BLOCK_N) < seq_len
+            if WINDOW > 0:  # (every tile visited holds a visible token: the window's first, the last, or all)
+                tok = t * BLOCK_N + tl.arange(0, BLOCK_N)
+                tmask = (tok < seq_len) & (tok >= first)
+            else:
+                tmask = t * BLOCK_N + tl.arange(0, BLOCK_N) < seq_len
             blk = blk_next.to(tl.int64)
             blk_next = _tile_block_ids(bt_row, (t + 1) * BLOCK_N, id_limit, BLOCK_N, T)
             row = _tile_rows(t * BLOCK_N, BLOCK_N, T)
@@ -177,7 +196,7 @@ def run(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, fmt, toke
         H=h, G=hq // h, GP=schedule.group_pad, D=d, T=tokens_per_block, REGION=pool.shape[-1],
         STORAGE=fmt.kernel_code, META32=fmt.meta32, HAS_QM=q_matrix is not None, HAS_VM=v_matrix is not None,
         SPLIT=schedule.merges, BLOCK_N=schedule.block_n, DT=triton_dtype(schedule.dot_dtype), PREC=prec,
-        Q_CHUNK=schedule.q_chunk, ONE_TILE=schedule.one_tile,
+        Q_CHUNK=schedule.q_chunk, ONE_TILE=schedule.one_tile, WINDOW=schedule.shape.window,
         num_warps=schedule.num_warps, num_stages=schedule.num_stages, maxnreg=schedule.maxnreg,
     )
     if schedule.merges:

@@ -26,7 +26,7 @@ from .schedule import dot_dtype
 def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk, h, n0, pos, seq_len,
                   MASK: tl.constexpr, H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, REGION: tl.constexpr,
                   STORAGE: tl.constexpr, META32: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
-                  ASM: tl.constexpr):
+                  ASM: tl.constexpr, WINDOW: tl.constexpr = 0):
     tok = n0 + tl.arange(0, BLOCK_N)
     tmask = tok < seq_len
     row = _tile_rows(n0, BLOCK_N, T)
@@ -40,6 +40,8 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_pt
         s = s * ks[None, :] + qsum[:, None] * (km - off * ks)[None, :]
     if MASK:
         vis = (tok[None, :] <= pos[:, None]) & tmask[None, :]
+        if WINDOW > 0:  # query at p sees p - WINDOW < j <= p
+            vis = vis & (tok[None, :] > pos[:, None] - WINDOW)
         s = tl.where(vis, s, float("-inf"))
         # A non-finite V (quantized: stored with nan metadata; bf16: an inf/nan element) is kept out
         # of the rows that cannot see it (their zero weight times it would leak nan into them) and
@@ -84,7 +86,9 @@ def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_p
                     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, T: tl.constexpr, REGION: tl.constexpr,
                     STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr, HAS_VM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, DT: tl.constexpr,
-                    PREC: tl.constexpr, HB: tl.constexpr = 0):
+                    PREC: tl.constexpr, HB: tl.constexpr = 0, WINDOW: tl.constexpr = 0):
+    """WINDOW > 0: query j (position p) sees only positions p - WINDOW < k <= p; the key tiles then run
+    from the window of the tile's first query, all through the masked path."""
     pid = tl.program_id(0)
     hq = tl.program_id(1)
     h = hq // G
@@ -134,20 +138,30 @@ def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_p
     kv_end = tl.where(valid & (last_row >= tile * BLOCK_M), seq_len - q_len + last_row + 1, 0)
     n_full = tl.where(valid, (pos_first + 1) // BLOCK_N, 0)
     n_full = tl.minimum(n_full, tl.cdiv(kv_end, BLOCK_N))
-    # block ids one tile ahead (see kernels/decode_triton.py: keeps the tile loads multi-buffered)
-    blk_next = _tile_block_ids(bt_row, 0, kv_end, BLOCK_N, T)
-    for n in range(0, n_full):
-        blk = blk_next
-        blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
-        m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk,
-                                                 h, n * BLOCK_N, pos, seq_len, False, H, D, T, REGION, STORAGE,
-                                                 META32, BLOCK_N, DT, PREC != 0)
-    for n in range(n_full, tl.cdiv(kv_end, BLOCK_N)):
-        blk = blk_next
-        blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
-        m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk,
-                                                 h, n * BLOCK_N, pos, seq_len, True, H, D, T, REGION, STORAGE,
-                                                 META32, BLOCK_N, DT, PREC != 0)
+    if WINDOW > 0:
+        n_start = tl.where(valid, tl.maximum(pos_first - WINDOW + 1, 0) // BLOCK_N, 0)
+        blk_next = _tile_block_ids(bt_row, n_start * BLOCK_N, kv_end, BLOCK_N, T)
+        for n in range(n_start, tl.cdiv(kv_end, BLOCK_N)):
+            blk = blk_next
+            blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
+            m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr,
+                                                     poolf_ptr, blk, h, n * BLOCK_N, pos, seq_len, True, H, D, T,
+                                                     REGION, STORAGE, META32, BLOCK_N, DT, PREC != 0, WINDOW)
+    else:
+        # block ids one tile ahead (see kernels/decode_triton.py: keeps the tile loads multi-buffered)
+        blk_next = _tile_block_ids(bt_row, 0, kv_end, BLOCK_N, T)
+        for n in range(0, n_full):
+            blk = blk_next
+            blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
+            m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk,
+                                                     h, n * BLOCK_N, pos, seq_len, False, H, D, T, REGION, STORAGE,
+                                                     META32, BLOCK_N, DT, PREC != 0)
+        for n in range(n_full, tl.cdiv(kv_end, BLOCK_N)):
+            blk = blk_next
+            blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
+            m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk,
+                                                     h, n * BLOCK_N, pos, seq_len, True, H, D, T, REGION, STORAGE,
+                                                     META32, BLOCK_N, DT, PREC != 0)
 
     nz = l_i > 0
     inv = tl.where(nz, 1.0 / tl.where(nz, l_i, 1.0), 0.0)
@@ -170,7 +184,7 @@ INTERP_TILE = (16, 16, 4, 1)
 
 
 def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, scale: float, storage: str,
-            meta_dtype: str, hadamard_block: int = 0, *, config: PrefillConfig | None = None):
+            meta_dtype: str, hadamard_block: int = 0, window: int = 0, *, config: PrefillConfig | None = None):
     """Same signature and result as trtllm_sawint4.ops.reference.prefill; `config`: the launch tiles
     (DEFAULT.prefill when None)."""
     config = config or DEFAULT.prefill
@@ -203,7 +217,7 @@ def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_mat
         float(scale) * LOG2E, bsz,
         H=h, G=g, D=d, T=t, REGION=pool.shape[-1], STORAGE=fmt.kernel_code, META32=fmt.meta32,
         HAS_QM=q_matrix is not None, HAS_VM=v_matrix is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        B_PAD=max(2, triton.next_power_of_2(bsz)), DT=dt, PREC=0 if interp else 1, HB=hadamard_block,
+        B_PAD=max(2, triton.next_power_of_2(bsz)), DT=dt, PREC=0 if interp else 1, HB=hadamard_block, WINDOW=window,
         num_warps=warps, num_stages=stages,
     )
     return out

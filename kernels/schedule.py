@@ -65,10 +65,18 @@ class DecodeShape:
     query_dtype: torch.dtype
     has_v_matrix: bool  #: the V rotation is undone by the split merge, so the step always splits
     dense_q_matrix: bool  #: a q matrix not in block-Hadamard form (the Gluon kernel transforms it first)
+    window: int = 0  #: sliding window (0: full attention): the query sees its last `window` positions
 
     @property
     def max_tokens(self) -> int:
         return self.max_blocks * self.tokens_per_block
+
+    def tokens_seen(self, block_n: int) -> int:
+        """Most tokens (whole tiles of block_n) a query's splits must cover: the table width, or with a
+        window the tiles it can touch (its first tile may start before it)."""
+        if self.window <= 0:
+            return self.max_tokens
+        return min(self.max_tokens, ((self.window - 1) // block_n + 2) * block_n)
 
 
 @dataclass(frozen=True)
@@ -127,7 +135,7 @@ class DecodeSchedule:
         s = self.shape
         shape = [s.batch, s.kv_heads, s.group, s.head_dim, s.tokens_per_block, s.max_blocks, STORAGES.index(s.storage),
                  int(StorageFormat(s.storage, s.meta_dtype).meta32), _QUERY_DTYPES.index(s.query_dtype),
-                 int(s.has_v_matrix), int(s.dense_q_matrix)]
+                 int(s.has_v_matrix), int(s.dense_q_matrix), s.window]
         launch = [BACKENDS.index(self.backend), self.splits, self.tiles_per_split, self.block_n, self.num_warps,
                   self.num_stages, self.maxnreg or 0, int(self.one_tile), self.q_chunk, self.group_pad,
                   self.merge_block, self.merge_warps, DOT_DTYPES.index(self.dot_dtype)]
@@ -141,7 +149,7 @@ class DecodeSchedule:
         sh, la = values[1:1 + _SHAPE_INTS], values[1 + _SHAPE_INTS:]
         try:
             shape = DecodeShape(sh[0], sh[1], sh[2], sh[3], sh[4], sh[5], STORAGES[sh[6]], ("fp32" if sh[7] else "fp16"),
-                                _QUERY_DTYPES[sh[8]], bool(sh[9]), bool(sh[10]))
+                                _QUERY_DTYPES[sh[8]], bool(sh[9]), bool(sh[10]), sh[11])
             return cls(shape, BACKENDS[la[0]], la[1], la[2], la[3], la[4], la[5], la[6] or None, bool(la[7]), la[8],
                        la[9], la[10], la[11], DOT_DTYPES[la[12]])
         except IndexError:
@@ -186,20 +194,22 @@ def num_sms(device: torch.device) -> int:
 
 
 def decode_shape(pool, block_table_shape, query_heads: int, head_dim: int, query_dtype: torch.dtype,
-                 storage: str, meta_dtype: str, has_v_matrix: bool, dense_q_matrix: bool) -> DecodeShape:
+                 storage: str, meta_dtype: str, has_v_matrix: bool, dense_q_matrix: bool,
+                 window: int = 0) -> DecodeShape:
     """The DecodeShape of a step from host-side facts (no tensor contents are read)."""
     h, region = pool.shape[2], pool.shape[-1]
     t = StorageFormat(storage, meta_dtype).tokens_per_block(head_dim, region)
     return DecodeShape(int(block_table_shape[0]), h, query_heads // h, head_dim, t, int(block_table_shape[1]), storage,
-                       meta_dtype, query_dtype, has_v_matrix, dense_q_matrix)
+                       meta_dtype, query_dtype, has_v_matrix, dense_q_matrix, window)
 
 
 def gluon_applies(shape: DecodeShape, config: DecodeConfig, num_sms: int, gluon_available: bool, on_gpu: bool) -> bool:
     """Whether the Gluon kernel runs this step: its scope (INT4 codes, head_dim 128, G <= 8, fp16
-    metadata, 16-bit queries, blocks of whole 64-token tiles), outside the latency-bound "tiny" regime
-    unless config.gluon.in_tiny (there the Triton kernel's single launch and early loads win)."""
+    metadata, 16-bit queries, blocks of whole 64-token tiles, full attention: a sliding window goes
+    to the Triton kernel), outside the latency-bound "tiny" regime unless config.gluon.in_tiny (there
+    the Triton kernel's single launch and early loads win)."""
     s = shape
-    return (config.gluon.enabled and gluon_available and on_gpu and s.storage == "int4"
+    return (config.gluon.enabled and gluon_available and on_gpu and s.storage == "int4" and s.window == 0
             and s.head_dim == GLUON_HEAD_DIM and s.group <= GLUON_MAX_GROUP and s.meta_dtype == "fp16"
             and s.query_dtype in (torch.bfloat16, torch.float16) and s.tokens_per_block % GLUON_BLOCK_N == 0
             and (config.gluon.in_tiny
@@ -232,12 +242,14 @@ def plan_decode(shape: DecodeShape, config: DecodeConfig, num_sms: int, gluon_av
         sb, warps = _merge(config, s, splits)  # (the Gluon kernel always writes partials, one split too)
         return DecodeSchedule(s, "gluon", splits, tps, GLUON_BLOCK_N, 1, config.gluon.stages, None, False, 0,
                               GLUON_MAX_GROUP, sb, warps, "fp16" if s.query_dtype == torch.float16 else "bf16")
-    tile = config.tile(config.regime(s.batch, s.kv_heads, s.head_dim, s.storage, num_sms, s.max_tokens))
+    # (with a window, the regime by the tokens a query can see at the regime's tile size)
+    tile = config.tile(config.regime(s.batch, s.kv_heads, s.head_dim, s.storage, num_sms,
+                                     s.tokens_seen(config.tile("few").block_n)))
     block_n = INTERP_BLOCK_N if interpreter else tile.block_n
-    max_tiles = max(1, cdiv(s.max_tokens, block_n))
+    seen = s.tokens_seen(block_n)
+    max_tiles = max(1, cdiv(seen, block_n))
     if num_splits is None:
-        splits, tps = split_count(s.batch, s.kv_heads, s.max_tokens, block_n, num_sms, tile.waves,
-                                  tile.min_tiles_per_split)
+        splits, tps = split_count(s.batch, s.kv_heads, seen, block_n, num_sms, tile.waves, tile.min_tiles_per_split)
     else:
         tps = cdiv(max_tiles, max(1, num_splits))
         splits = cdiv(max_tiles, tps)

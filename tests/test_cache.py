@@ -253,3 +253,33 @@ def test_a_mixed_step_runs_through_attend(kernels_on_cpu, one_torch_thread):
         want = dense_attention(spec, cache.transforms[0], q[lo:hi], torch.cat([hk, k[lo:hi]]),
                                torch.cat([hv, v[lo:hi]]), 0.125)
         torch.testing.assert_close(out[lo:hi].float(), want, atol=3e-2, rtol=3e-2)
+
+
+def test_each_layer_attends_within_its_window(kernels_on_cpu, one_torch_thread):
+    """windows=[0, 7]: layer 0 full attention, layer 1 its last 7 positions, in prefill and decode steps;
+    a decode plan holds one schedule per distinct window."""
+    spec = KVCacheSpec(64, 2, 16, kv_format="saw_int4")
+    cache = PagedKVCache(spec, num_layers=2, num_blocks=24, windows=[0, 7], num_query_heads=4)
+    gen = torch.Generator().manual_seed(6)
+    seqs = [cache.add_sequence() for _ in range(2)]
+    history = {s: (torch.zeros(0, 2, 64), torch.zeros(0, 2, 64)) for s in seqs}
+    for new in ([19, 30], [1, 1], [4, 1]):
+        plan = cache.plan(seqs, new)
+        if plan.is_decode:
+            assert set(plan.schedules) == {0, 7} and plan.schedules[7].shape.window == 7
+        k, v = torch.randn(sum(new), 2, 64, generator=gen), torch.randn(sum(new), 2, 64, generator=gen)
+        q = torch.randn(sum(new), 4, 64, generator=gen).bfloat16()
+        starts = plan.query_start_loc.tolist()
+        for layer in range(2):
+            cache.append(layer, plan, k, v)
+        outs = [cache.attend(layer, plan, q, 0.125) for layer in range(2)]
+        for i, s in enumerate(seqs):
+            lo, hi = starts[i], starts[i + 1]
+            history[s] = (torch.cat([history[s][0], k[lo:hi]]), torch.cat([history[s][1], v[lo:hi]]))
+            for layer, window in enumerate((0, 7)):
+                want = dense_attention(spec, cache.transforms[layer], q[lo:hi], *history[s], 0.125, window)
+                torch.testing.assert_close(outs[layer][lo:hi].float(), want, atol=3e-2, rtol=3e-2)
+    with pytest.raises(ValueError, match="windows"):
+        PagedKVCache(spec, num_layers=2, num_blocks=4, windows=[0])
+    with pytest.raises(ValueError, match="windows"):
+        PagedKVCache(spec, num_layers=2, num_blocks=4, windows=[0, -3])

@@ -81,6 +81,7 @@ DECODE_CASES = [
     (dict(q_matrix=torch.randn(1, 64, 64)), "q_matrix"),
     (dict(v_matrix=torch.randn(64, 64, 1)), "v_matrix"),
     (dict(hadamard_block=3), "hadamard_block"),
+    (dict(window=-1), "window"),
 ]
 
 

@@ -409,3 +409,34 @@ def test_split_plan_of_the_tuned_regimes():
     assert splits("few", 8, 8, 32768) == 9 and splits("few", 1, 8, 32768) == 64
     assert splits("few", 32, 8, 8192) == 3 and splits("few", 128, 3, 32768) == 2
     assert splits("tiny", 1, 8, 1024) == 16 and splits("tiny", 8, 8, 1024) == 4
+
+
+@pytest.mark.parametrize("fmt,t", [("saw_int4", 16), ("int8", 8), ("bf16", 16)])
+@pytest.mark.parametrize("window", [1, 7, 16, 33])
+def test_sliding_window_decode_and_prefill(K, fmt, t, window):
+    """window > 0 in the Triton kernels: decode's splits cover the window's tiles only (one-tile splits
+    and the loop), prefill runs the window's key tiles through the masked path; both against the
+    reference, and the window changes the result."""
+    torch.manual_seed(9)
+    d, h, group, lens = 64, 2, 2, [0, 45, 16, 70, 3]
+    spec = _spec(fmt, d, h, t, rotate_v=True)
+    tf = _transform(spec)
+    nb = sum(-(-l // t) for l in lens) + 2
+    pool = _filled_pool(spec, tf, nb)
+    table = _block_table(lens, t, nb)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(len(lens), h * group, d).to(torch.bfloat16)
+    args = (q, pool, table, sl, tf.q_matrix, tf.v_matrix, d ** -0.5, spec.storage, "fp16", tf.hadamard_block)
+    want = ref.decode(*args, window)
+    for splits in (None, 1, 10**4):
+        got = K["decode"].decode(*args, window, num_splits=splits)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(want.float(), ref.decode(*args).float(), atol=1e-3)
+    assert K["decode"].schedule_for(q, pool, table, tf.q_matrix, tf.v_matrix, spec.storage, "fp16",
+                                    tf.hadamard_block, window).shape.window == window
+    q_lens = [0, 20, 16, 5, 3]
+    qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    qp = torch.randn(int(qsl[-1]), h * group, d).to(torch.bfloat16)
+    pargs = (qp, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, d ** -0.5, spec.storage, "fp16", tf.hadamard_block)
+    got = K["prefill"].prefill(*pargs, window)
+    torch.testing.assert_close(got.float(), ref.prefill(*pargs, window).float(), rtol=2e-2, atol=2e-2)

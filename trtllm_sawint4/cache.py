@@ -77,6 +77,10 @@ class PagedKVCache:
     pools[layer] is uint8 [num_blocks, 2, num_kv_heads, region_bytes] (spec.pool_shape); the
     block ids of a sequence are the same in every layer.
 
+    windows: per-layer sliding window (0: full attention; W > 0: a query sees its last W positions).
+    Blocks that fall wholly outside every layer's window are not freed: a sequence keeps all its
+    blocks until free().
+
     num_query_heads / query_dtype: what attend() will be called with; plan() decides the decode
     schedule from them (a plan without them, or called with other queries, plans the schedule at the
     step's first attend instead; a graph plan needs them up front). kernel_config: the kernels'
@@ -84,10 +88,16 @@ class PagedKVCache:
     """
 
     def __init__(self, spec: KVCacheSpec, num_layers: int, num_blocks: int, device: str | torch.device = "cpu",
-                 calibration: ChannelCalibration | None = None, *, num_query_heads: int | None = None,
-                 query_dtype: torch.dtype = torch.bfloat16, kernel_config: KernelConfig | None = None):
+                 calibration: ChannelCalibration | None = None, windows: list[int] | None = None, *,
+                 num_query_heads: int | None = None, query_dtype: torch.dtype = torch.bfloat16,
+                 kernel_config: KernelConfig | None = None):
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        windows = [0] * num_layers if windows is None else list(windows)
+        if len(windows) != num_layers or any(not isinstance(w, int) or isinstance(w, bool) or w < 0 for w in windows):
+            raise ValueError(f"windows must be {num_layers} ints >= 0 (one per layer, 0: full attention), "
+                             f"got {windows}")
+        self.windows = windows
         if num_query_heads is not None and (num_query_heads < 1 or num_query_heads % spec.num_kv_heads):
             raise ValueError(f"num_query_heads must be a positive multiple of num_kv_heads={spec.num_kv_heads}, "
                              f"got {num_query_heads}")
@@ -170,13 +180,14 @@ class PagedKVCache:
         return plan
 
     def _windows(self) -> list[int]:
-        return [0]
+        """The distinct layer windows: one decode schedule each."""
+        return sorted(set(self.windows))
 
-    def _shape(self, plan_rows: int, max_blocks: int, num_query_heads: int, query_dtype: torch.dtype):
+    def _shape(self, plan_rows: int, max_blocks: int, window: int, num_query_heads: int, query_dtype: torch.dtype):
         tf = self.transforms[0]
         return decode_shape(self.pools[0], (plan_rows, max_blocks), num_query_heads, self.spec.head_dim, query_dtype,
                             self.spec.storage, self.spec.metadata_dtype, tf.v_matrix is not None,
-                            tf.q_matrix is not None and tf.hadamard_block == 0)
+                            tf.q_matrix is not None and tf.hadamard_block == 0, window)
 
     def _plan_schedule(self, rows: int, max_blocks: int, window: int, num_query_heads: int,
                        query_dtype: torch.dtype) -> DecodeSchedule | None:
@@ -185,7 +196,7 @@ class PagedKVCache:
             return None
         from trtllm_sawint4.kernels import decode as decode_kernels  # (imports triton: only where kernels run)
 
-        return decode_kernels.plan(self._shape(rows, max_blocks, num_query_heads, query_dtype), self.device,
+        return decode_kernels.plan(self._shape(rows, max_blocks, window, num_query_heads, query_dtype), self.device,
                                    self.kernel_config.decode)
 
     def _schedule(self, plan: StepPlan, window: int, num_query_heads: int, query_dtype: torch.dtype):
@@ -284,11 +295,12 @@ class PagedKVCache:
 
     def attend(self, layer: int, plan: StepPlan, query: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of this step's queries ([num_new_tokens, num_heads, head_dim]) over the cache."""
-        pool, tf = self.pools[layer], self.transforms[layer]
+        pool, tf, window = self.pools[layer], self.transforms[layer], self.windows[layer]
         storage, meta = self.spec.storage, self.spec.metadata_dtype
         if plan.is_decode:
-            schedule, workspace = self._decode_launch(plan, 0, query)
+            schedule, workspace = self._decode_launch(plan, window, query)
             return torch.ops.sawint4.decode(query, pool, plan.block_table, plan.seq_lens, tf.q_matrix, tf.v_matrix,
-                                            scale, storage, meta, tf.hadamard_block, schedule, workspace, True)
+                                            scale, storage, meta, tf.hadamard_block, window, schedule, workspace, True)
         return torch.ops.sawint4.prefill(query, pool, plan.block_table, plan.seq_lens, plan.query_start_loc,
-                                         tf.q_matrix, tf.v_matrix, scale, storage, meta, tf.hadamard_block, True)
+                                         tf.q_matrix, tf.v_matrix, scale, storage, meta, tf.hadamard_block, window,
+                                         True)

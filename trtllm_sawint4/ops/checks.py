@@ -105,7 +105,7 @@ def check_append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, sto
 
 
 def check_attention(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, scale, storage,
-                    meta_dtype, hadamard_block=0) -> int:
+                    meta_dtype, hadamard_block=0, window=0) -> int:
     if query.dim() != 3:
         fail("query", f"must be [num_queries, num_heads, head_dim], got {list(query.shape)}")
     _, hq, d = query.shape
@@ -131,6 +131,8 @@ def check_attention(query, pool, block_table, seq_lens, query_start_loc, q_matri
         _device(name, x, pool.device)
         if name != "query":
             _contiguous(name, x)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        fail("window", f"must be an int >= 0 (0: full attention), got {window!r}")
     if not (isinstance(scale, float) and scale > 0 and scale != float("inf")):
         fail("scale", f"must be a positive finite float, got {scale!r}")
     check_transforms(pool, h, d, storage, q_matrix=q_matrix, v_matrix=v_matrix, hadamard_block=hadamard_block)

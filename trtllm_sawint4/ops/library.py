@@ -11,6 +11,7 @@ index on the host from the allocator and the cache builds its own transforms (a 
 True for tensors it did not validate gets undefined behaviour, as with any unchecked index). Shape,
 dtype and device checks always run.
 
+`window` > 0 is sliding-window attention (a query at position p sees p - window < j <= p).
 decode's `schedule` (DecodeSchedule.to_list()) and `workspace` (fp32, at least
 schedule.workspace_elems values) are the launch a plan decided (kernels/schedule.py); the kernel
 then only launches, which is what a CUDA graph of a decode step needs. Without them the kernel plans
@@ -30,7 +31,7 @@ from . import checks, dispatch, reference
 
 
 def _check_schedule(schedule, workspace, query, pool, block_table, q_matrix, v_matrix, storage, meta_dtype,
-                    hadamard_block) -> DecodeSchedule | None:
+                    hadamard_block, window) -> DecodeSchedule | None:
     if schedule is None:
         if workspace is not None:
             checks.fail("workspace", "is given without a schedule (pass both, from the same plan)")
@@ -40,7 +41,7 @@ def _check_schedule(schedule, workspace, query, pool, block_table, q_matrix, v_m
     except ValueError as e:
         checks.fail("schedule", str(e).removeprefix("schedule: "))
     want = decode_shape(pool, block_table.shape, query.shape[1], query.shape[2], query.dtype, storage, meta_dtype,
-                        v_matrix is not None, q_matrix is not None and hadamard_block == 0)
+                        v_matrix is not None, q_matrix is not None and hadamard_block == 0, window)
     if sched.shape != want:
         checks.fail("schedule", f"was planned for {sched.shape}, but the call is {want}; plan the step again")
     if sched.workspace_elems:
@@ -79,50 +80,50 @@ def _(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage, meta_
 @torch.library.custom_op("sawint4::decode", mutates_args=("workspace",))
 def decode(query: Tensor, pool: Tensor, block_table: Tensor, seq_lens: Tensor, q_matrix: Tensor | None,
            v_matrix: Tensor | None, scale: float, storage: str, meta_dtype: str, hadamard_block: int = 0,
-           schedule: list[int] | None = None, workspace: Tensor | None = None,
+           window: int = 0, schedule: list[int] | None = None, workspace: Tensor | None = None,
            skip_device_checks: bool = False) -> Tensor:
     """One query per sequence over its paged cache (see reference.py)."""
     t = checks.check_attention(query, pool, block_table, seq_lens, None, q_matrix, v_matrix, scale, storage,
-                               meta_dtype, hadamard_block)
+                               meta_dtype, hadamard_block, window)
     sched = _check_schedule(schedule, workspace, query, pool, block_table, q_matrix, v_matrix, storage, meta_dtype,
-                            hadamard_block)
+                            hadamard_block, window)
     if not skip_device_checks:
         checks.check_attention_indices(pool, block_table, seq_lens, None, query.shape[0], t)
         checks.check_hadamard_form(hadamard_block, q_matrix=q_matrix, v_matrix=v_matrix)
     kernel = dispatch.kernel("decode", pool.device)
     if kernel is None:
         return reference.decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, storage, meta_dtype,
-                                hadamard_block)
+                                hadamard_block, window)
     return kernel(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, storage, meta_dtype, hadamard_block,
-                  schedule=sched, workspace=workspace)
+                  window, schedule=sched, workspace=workspace)
 
 
 @decode.register_fake
 def _(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, storage, meta_dtype, hadamard_block=0,
-      schedule=None, workspace=None, skip_device_checks=False):
+      window=0, schedule=None, workspace=None, skip_device_checks=False):
     checks.check_attention(query, pool, block_table, seq_lens, None, q_matrix, v_matrix, scale, storage, meta_dtype,
-                           hadamard_block)
+                           hadamard_block, window)
     return torch.empty_like(query)
 
 
 @torch.library.custom_op("sawint4::prefill", mutates_args=())
 def prefill(query: Tensor, pool: Tensor, block_table: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
             q_matrix: Tensor | None, v_matrix: Tensor | None, scale: float, storage: str,
-            meta_dtype: str, hadamard_block: int = 0, skip_device_checks: bool = False) -> Tensor:
+            meta_dtype: str, hadamard_block: int = 0, window: int = 0, skip_device_checks: bool = False) -> Tensor:
     """Causal attention of each sequence's last queries over its paged cache (see reference.py)."""
     t = checks.check_attention(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, scale,
-                               storage, meta_dtype, hadamard_block)
+                               storage, meta_dtype, hadamard_block, window)
     if not skip_device_checks:
         checks.check_attention_indices(pool, block_table, seq_lens, query_start_loc, query.shape[0], t)
         checks.check_hadamard_form(hadamard_block, q_matrix=q_matrix, v_matrix=v_matrix)
     kernel = dispatch.kernel("prefill", pool.device)
     return (kernel or reference.prefill)(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix,
-                                         scale, storage, meta_dtype, hadamard_block)
+                                         scale, storage, meta_dtype, hadamard_block, window)
 
 
 @prefill.register_fake
 def _(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, scale, storage, meta_dtype,
-      hadamard_block=0, skip_device_checks=False):
+      hadamard_block=0, window=0, skip_device_checks=False):
     checks.check_attention(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, scale, storage,
-                           meta_dtype, hadamard_block)
+                           meta_dtype, hadamard_block, window)
     return torch.empty_like(query)

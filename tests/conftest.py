@@ -2,8 +2,9 @@ import os
 
 import torch
 
-# On a machine without a GPU the Triton kernels run in Triton's interpreter. This must be decided
-# before anything imports triton (test modules are collected in any order).
+# The one place that switches Triton's interpreter on: on a machine without a GPU the Triton kernels
+# run in it. Triton reads TRITON_INTERPRET when a kernel is decorated (its own library functions
+# included), so this must happen before anything imports triton: conftest runs before any test module.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -25,8 +26,9 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def K():
-    """The kernel modules, run by Triton's interpreter; skips where they were compiled for a GPU."""
+def interp_kernels():
+    """The kernel modules by name ("append", "decode", "prefill", ...), run by Triton's interpreter on CPU
+    tensors; skips where they were compiled for a GPU (tests/gpu has `cuda_kernels`)."""
     import importlib
     import sys
 

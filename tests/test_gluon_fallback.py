@@ -69,9 +69,9 @@ def _switch_off_lines(caplog):
     return [r for r in caplog.records if r.name == LOGGER and "switched off" in r.getMessage()]
 
 
-def test_decode_serves_through_triton_when_the_gluon_kernel_does_not_compile(K, mma, monkeypatch, caplog,
+def test_decode_serves_through_triton_when_the_gluon_kernel_does_not_compile(interp_kernels, mma, monkeypatch, caplog,
                                                                               one_torch_thread):
-    dmod = K["decode"]
+    dmod = interp_kernels["decode"]
     monkeypatch.setattr(mma, "_UNAVAILABLE", None)
     monkeypatch.setattr(mma, "_SWITCHED_OFF", False)
     launches = []

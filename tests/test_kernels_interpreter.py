@@ -316,7 +316,7 @@ def test_int4_code_offset_path_fp16(interp_kernels, fmt, meta, d, t, lens):
 
 
 def test_split_plan_of_the_tuned_regimes():
-    """The split counts the H200 measurements were taken with (docs/kernels.md, sessions 2 and 4):
+    """The split counts the H200 measurements were taken with (docs/kernels.md):
     the "many" regime splits long contexts in 2-3 and leaves <= 2k tokens whole; "few" aims at 4
     waves (3 splits at 32 x 8k, 2 at 9/3 x 128); "tiny" splits down to single 64-token tiles."""
     def splits(regime, batch, heads, ctx):

@@ -17,6 +17,7 @@ from . import decode_gluon, decode_triton
 from .config import DEFAULT, DecodeConfig
 from .schedule import DecodeSchedule, DecodeShape, decode_shape, num_sms, plan_decode  # noqa: F401
 
+
 def plan(shape: DecodeShape, device: torch.device, config: DecodeConfig | None = None,
          num_splits: int | None = None) -> DecodeSchedule:
     """The schedule of a decode step of `shape` on `device` (host only)."""

@@ -56,7 +56,7 @@ def _compile_split_decode(args, one_tile: bool):
     constexprs = dict(H=8, G=4, GP=16, D=d, T=64, REGION=spec.region_bytes, STORAGE={"bf16": 0, "int8": 1}.get(spec.storage, 2),
                       META32=spec.metadata_dtype == "fp32", HAS_QM=spec.rotated, HAS_VM=False, SPLIT=True,
                       BLOCK_N=args.block_n or 64, DT=tl.bfloat16, PREC=1, Q_CHUNK=args.q_chunk or 64,
-                      ONE_TILE=one_tile)
+                      ONE_TILE=one_tile, WINDOW=0)
     signature = {**ptrs, **scalars, **{k: "constexpr" for k in constexprs}}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))}
     src = triton.compiler.ASTSource(fn=_decode_kernel, signature=signature, constexprs=constexprs, attrs=attrs)

@@ -90,8 +90,8 @@ _FORMAT_ATTRS = (
     AttrArg("num_kv_heads", int, "H: KV heads of the layer"),
     AttrArg("head_dim", int, "D: channels per head"),
     AttrArg("tokens_per_block", int, "T: tokens per paged block"),
-    AttrArg("storage", str, "bf16 | int8 | int4 (saw_int4 stores as int4)"),
-    AttrArg("meta_dtype", str, "fp16 | fp32: per-vector (scale, min) precision"),
+    AttrArg("storage", str, f"{' | '.join(STORAGES)} (saw_int4 stores as int4)"),
+    AttrArg("meta_dtype", str, f"{' | '.join(METADATA_DTYPES)}: per-vector (scale, min) precision"),
 )
 _ATTENTION_ATTRS = (
     AttrArg("num_heads", int, "HQ: query heads (a multiple of num_kv_heads)"),

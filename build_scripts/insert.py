@@ -404,11 +404,7 @@ def insert(model, opts: InsertOptions | None = None):
     const_cache: dict = {}
     for layer, a in enumerate(layers):
         node = a.node
-        transform = build_layer_transform(
-            spec,
-            None if calibration is None else calibration.mean[layer],
-            None if calibration is None else calibration.scale[layer],
-        )
+        transform = build_layer_transform(spec, **({} if calibration is None else calibration.layer_args(layer)))
         consts, flags = _transform_consts(b, spec, transform, layer, const_cache)
         q, k, v = a.q, a.k, a.v
         if k is None:  # packed QKV [B, S, (HQ + 2 H) D]

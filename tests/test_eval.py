@@ -63,9 +63,10 @@ def test_eval_end_to_end_json_and_chart(tiny, capsys):
     assert rc == 0
     res = json.loads(out_json.read_text())
     keys = [r["key"] for r in res["rows"]]
-    # head_dim 32: r16 is a separate row, r32 is the default, r64 does not apply
-    assert keys == ["bf16", "int8", "int4", "saw_int4_r16", "saw_int4", "saw_int4_seed1", "saw_int4_seed2",
-                    "saw_int4_v", "saw_int4_meta32", "saw_int4_calib", "kivi"]
+    # no K bias in a Llama: no saw_int4_paper row (saw_int4 is the paper format)
+    assert keys == ["bf16", "int8", "int4", "saw_int4", "saw_int4_seed1", "saw_int4_seed2", "saw_int4_v",
+                    "saw_int4_meta32", "saw_int4_calib", "saw_int4_calib_seed1", "saw_int4_calib_seed2",
+                    "saw_int4_calib_channel", "kivi"]
     rows = {r["key"]: r for r in res["rows"]}
     assert rows["bf16"]["agreement_vs_bf16"] == 1.0 and rows["bf16"]["delta_ppl"] == 0.0
     assert rows["bf16"]["bytes_per_token"] == 2 * 2 * 32 * 2
@@ -74,11 +75,12 @@ def test_eval_end_to_end_json_and_chart(tiny, capsys):
     assert all(r["ppl"] > 1 and 0 <= r["agreement_vs_bf16"] <= 1 for r in res["rows"])
     assert res["scored_tokens"] == 3 * 31 and sum(res["schedule"]) == 32
     assert len(res["seed_spread"]["ppl"]) == 3
+    assert [s["key"] for s in res["seed_spreads"]] == ["saw_int4", "saw_int4_calib"]
+    assert rows["saw_int4_calib"]["calibrated"] == "qk-dense" and rows["saw_int4_calib_channel"]["calibrated"] == "channel"
     assert "metadata_check" in res and "self-calibrated" in res["calibration"]
-    assert any("saw_int4_r64 skipped" in n for n in res["notes"])
     assert set(res["generation"]) == {"prompt", "bf16", "saw_int4"}
     assert out_png.stat().st_size > 1000
-    for needle in ("KIVI-style", "saw_int4 r=32 +calib", "fp16 vs fp32 metadata", "spread over sign seeds",
+    for needle in ("KIVI-style", "saw_int4 r=32 +calib qk-dense", "fp16 vs fp32 metadata", "spread over sign seeds",
                    "greedy generation"):
         assert needle in text
 
@@ -96,6 +98,32 @@ def test_calibrate_then_eval_with_file(tiny, capsys):
     assert "calibration file" in text and "KIVI-style" in text and "bf16" in text
 
 
+def test_calibration_file_for_another_model_is_refused(tiny, capsys):
+    calib_file = tiny / "calib_other.pt"
+    assert main(["calibrate", "--out", str(calib_file), "--model-path", str(tiny / "model"), "--text-file",
+                 str(tiny / "text.txt"), "--tokens", "64", "--window-len", "64", "--no-progress"]) == 0
+    assert "qk-dense" in capsys.readouterr().out
+    cal = ChannelCalibration.load(calib_file)
+    assert cal.method == "qk-dense" and cal.model_fingerprint and cal.key_map.shape == (2, 2, 32, 32)
+    cal.model_fingerprint = "0" * 16
+    cal.save(calib_file)
+    rc = main(["eval", *_args(tiny, "--formats", "saw_int4_calib", "--seeds", "none", "--gen-tokens", "0",
+                                 "--calibration", str(calib_file))])
+    assert rc == 2 and "another model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--preset", "qwen2.5-coder-0.5b", "--model-path", "."], "--preset"),
+    (["--text", "hamlet", "--text-file", "x.txt"], "--text"),
+])
+def test_conflicting_model_or_text_options(argv, needle, capsys, tmp_path):
+    if "--text-file" in argv:
+        (tmp_path / "x.txt").write_text("a b c")
+        argv = [a if a != "x.txt" else str(tmp_path / "x.txt") for a in argv]
+    assert main(["eval", *argv]) == 2
+    assert needle in capsys.readouterr().err
+
+
 def test_chunk_schedule():
     assert chunk_schedule(512, 2) == [256, 128, 126, 1, 1]
     assert chunk_schedule(32, 0) == [16, 8, 8]
@@ -109,6 +137,24 @@ def test_build_rows_per_head_dim():
     assert [r.key for r in rows] == ["bf16", "saw_int4_r16", "saw_int4"]
     rows, notes = build_rows(["saw_int4_r128"], [5], 64)
     assert [r.key for r in rows] == ["bf16"] and notes
+    # head_dim 256: the default block is 128, and a block of the whole head_dim is its own row
+    rows, _ = build_rows(["saw_int4_r128", "saw_int4_r256"], [], 256)
+    assert [r.key for r in rows] == ["bf16", "saw_int4", "saw_int4_r256"]
+    assert rows[2].spec_options == {"rotation_block": 256}
+
+
+def test_build_rows_key_bias_and_calibration_methods():
+    rows, notes = build_rows(["saw_int4", "saw_int4_paper", "saw_int4_calib", "saw_int4_calib_channel",
+                              "saw_int4_calib_qkdense"], [1], 64, "qk-dense", has_key_bias=True)
+    keys = [r.key for r in rows]
+    # saw_int4_calib_qkdense is the same row as saw_int4_calib (qk-dense) and is not repeated
+    assert keys == ["bf16", "saw_int4", "saw_int4_seed1", "saw_int4_paper", "saw_int4_calib", "saw_int4_calib_seed1",
+                    "saw_int4_calib_channel"]
+    by = {r.key: r for r in rows}
+    assert by["saw_int4"].key_bias_centre and not by["saw_int4_paper"].key_bias_centre
+    assert "K-bias centre" in by["saw_int4"].label and by["saw_int4_calib_channel"].calibrated == "channel"
+    rows, notes = build_rows(["saw_int4_paper"], [], 64, has_key_bias=False)
+    assert [r.key for r in rows] == ["bf16"] and "no K projection bias" in notes[0]
 
 
 def test_kivi_fake_quant_groups_and_residual():

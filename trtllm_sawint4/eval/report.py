@@ -33,20 +33,28 @@ def build_result(model_name, split, args, rows, notes, schedule, bf16_bytes, cal
         })
     by_key = {r.key: r for r in rows}
     result = {
-        "model": model_name, "model_dims": dims, "text": split.source, "num_windows": num_windows,
+        "model": model_name, "model_dims": dims, "text": split.source, "bos_token_id": split.bos,
+        "num_windows": num_windows,
         "window_len": length, "scored_tokens": count, "schedule": schedule, "batch_size": args.batch_size,
         "tokens_per_block": args.tokens_per_block, "bf16_bytes_per_token": bf16_bytes,
         "calibration": calib_info, "notes": notes, "rows": out_rows, "generation": generation,
     }
-    group = [r for r in rows if r.key == "saw_int4" or r.seed_of == "saw_int4"]
-    if len(group) > 1:
-        ppls = [r.ppl(count) for r in group]
-        result["seed_spread"] = {
-            "row": by_key["saw_int4"].label.strip(),
-            "sign_seeds": [None if r.seed_of is None else r.spec_options["sign_seed"] for r in group],
-            "ppl": ppls, "mean": statistics.fmean(ppls), "std": statistics.stdev(ppls) if len(ppls) > 1 else 0.0,
-            "min": min(ppls), "max": max(ppls),
-        }
+    spreads = []
+    for head in ("saw_int4", "saw_int4_calib"):
+        group = [r for r in rows if r.key == head or r.seed_of == head]
+        if len(group) > 1:
+            ppls = [r.ppl(count) for r in group]
+            deltas = [100 * (p / base_ppl - 1) for p in ppls]
+            spreads.append({
+                "row": by_key[head].label.strip(), "key": head,
+                "sign_seeds": [None if r.seed_of is None else r.spec_options["sign_seed"] for r in group],
+                "ppl": ppls, "mean": statistics.fmean(ppls), "std": statistics.stdev(ppls),
+                "min": min(ppls), "max": max(ppls),
+                "delta_pct_mean": statistics.fmean(deltas), "delta_pct_std": statistics.stdev(deltas),
+            })
+    if spreads:
+        result["seed_spread"] = spreads[0]  # the default row (kept under its old key)
+        result["seed_spreads"] = spreads
     if "saw_int4" in by_key and "saw_int4_meta32" in by_key:
         a, b = by_key["saw_int4"], by_key["saw_int4_meta32"]
         pa, pb = a.ppl(count), b.ppl(count)
@@ -83,7 +91,8 @@ def format_text(res: dict) -> str:
         f"sawint4 eval: {res['model']} ({d['num_layers']} layers, {d['num_kv_heads']} KV heads, head_dim "
         f"{d['head_dim']}), float32 on CPU",
         f"text: {res['text']}; {res['num_windows']} windows x {res['window_len']} tokens = {res['scored_tokens']} "
-        f"scored tokens",
+        f"scored tokens; " + ("no BOS (the tokenizer adds none)" if res.get("bos_token_id") is None else
+                              f"every window starts with BOS (id {res['bos_token_id']})"),
         f"per window: {_schedule_text(res['schedule'])}",
         "paged rows: PagedKVCache append, then attention read back through the block table (sawint4_paged); "
         f"{res['tokens_per_block']} tokens/block",
@@ -91,7 +100,8 @@ def format_text(res: dict) -> str:
     if res["calibration"]:
         lines.append(f"+calib: {res['calibration']}")
     lines.append("")
-    head = (f"{'format':<26}{'bytes/tok':>10}{'vs bf16':>9}{'ppl':>9}{'Δppl':>9}{'Δ% (±s.e.)':>17}"
+    width = max([26] + [len(r["label"]) + (2 if r["seed_of"] else 0) + 1 for r in res["rows"]])
+    head = (f"{'format':<{width}}{'bytes/tok':>10}{'vs bf16':>9}{'ppl':>9}{'Δppl':>9}{'Δ% (±s.e.)':>17}"
             f"{'agree':>9}")
     lines += [head, "-" * len(head)]
     for r in res["rows"]:
@@ -102,18 +112,18 @@ def format_text(res: dict) -> str:
             se_text = f" ±{se:.1f}" if math.isfinite(se) else ""
             dppl, dpct = f"{r['delta_ppl']:+.2f}", f"{r['delta_pct']:+.1f}%{se_text}"
         label = ("  " + r["label"]) if r["seed_of"] else r["label"]
-        lines.append(f"{label:<26}{r['bytes_per_token']:>10.0f}{r['compression_vs_bf16']:>8.2f}x{r['ppl']:>9.2f}"
+        lines.append(f"{label:<{width}}{r['bytes_per_token']:>10.0f}{r['compression_vs_bf16']:>8.2f}x{r['ppl']:>9.2f}"
                      f"{dppl:>9}{dpct:>17}{100 * r['agreement_vs_bf16']:>8.1f}%")
     lines.append("")
     lines.append("bytes/tok: one layer, K+V, all KV heads (KVCacheSpec.bytes_per_token); KIVI: steady state, its "
                  "full-precision residual (< group tokens) not counted.")
     lines.append("±s.e.: standard error of the change over windows (paired with bf16); agree: next-token (argmax) "
                  "agreement with bf16.")
-    if "seed_spread" in res:
-        s = res["seed_spread"]
+    for s in res.get("seed_spreads", [res["seed_spread"]] if "seed_spread" in res else []):
         seeds = ",".join("none" if x is None else str(x) for x in s["sign_seeds"])
         lines.append(f"spread over sign seeds ({seeds}) of {s['row']}: ppl {s['mean']:.2f} ± {s['std']:.2f} (std), "
-                     f"min {s['min']:.2f}, max {s['max']:.2f}")
+                     f"min {s['min']:.2f}, max {s['max']:.2f}; Δ {s['delta_pct_mean']:+.1f}% ± "
+                     f"{s['delta_pct_std']:.1f}% (std)")
     m = res.get("metadata_check", {})
     if "ppl_fp16_meta" in m:
         lines.append(f"fp16 vs fp32 metadata: ppl {m['ppl_fp16_meta']:.3f} vs {m['ppl_fp32_meta']:.3f} "

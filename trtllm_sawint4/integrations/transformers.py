@@ -40,8 +40,8 @@ from ..spec import KVCacheSpec
 
 ATTN_IMPLEMENTATION = "sawint4_paged"
 
-__all__ = ["ATTN_IMPLEMENTATION", "SawInt4Cache", "KeyRecorderCache", "sawint4_paged_attention", "model_dims",
-           "spec_for_config", "register"]
+__all__ = ["ATTN_IMPLEMENTATION", "SawInt4Cache", "KeyRecorderCache", "sawint4_paged_attention",
+           "spec_for_config", "register", "key_bias_calibration", "model_dims"]
 
 
 @dataclass
@@ -150,16 +150,23 @@ class SawInt4Cache(Cache):
     plus generated tokens), `batch_size` the number of sequences the pool must hold. The first update()
     creates one paged sequence per batch row. Pass the model (or its config) so that the cache can
     check it is used with attn_implementation='sawint4_paged'.
+
+    Without a calibration, a saw_int4 cache built from a model whose K projection has a bias (Qwen2)
+    centres K by that bias in the slow rotary channels (`key_bias_calibration`; calibration-free, from
+    the weights): the rotation would otherwise spread those large constant offsets over every channel
+    (docs/accuracy.md). key_bias_centre=False gives the plain paper format.
     """
 
     def __init__(self, config=None, spec: KVCacheSpec | None = None, *, max_tokens: int = 4096, batch_size: int = 1,
                  calibration: ChannelCalibration | None = None, device: str | torch.device | None = None,
-                 paged: PagedKVCache | None = None):
+                 paged: PagedKVCache | None = None, key_bias_centre: bool = True):
         query_dtype = torch.bfloat16
         if isinstance(config, torch.nn.Module):
             first = next(config.parameters())
             device = first.device if device is None else device
             query_dtype = first.dtype
+            if calibration is None and key_bias_centre and paged is None and (spec is None or spec.rotated):
+                calibration = key_bias_calibration(config)
             config = config.config
         self.config = config
         if paged is None:
@@ -257,6 +264,27 @@ class SawInt4Cache(Cache):
         q = query.transpose(1, 2).reshape(b * s, hq, d).contiguous()
         out = self.paged.attend(layer_idx, plan, q, scaling)
         return out.view(b, s, hq, d)
+
+
+def key_bias_calibration(model, max_angle: float = 1.0) -> ChannelCalibration | None:
+    """The calibration-free K centre of a model whose attention layers have a K projection bias (else None):
+    ChannelCalibration.from_key_bias over the rotary pairs that turn by at most `max_angle` radians over
+    the model's max_position_embeddings (read from the model's own rotary inverse frequencies)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        return None
+    biases = [getattr(getattr(getattr(layer, "self_attn", None), "k_proj", None), "bias", None) for layer in layers]
+    if not biases or any(b is None for b in biases):
+        return None
+    num_layers, kv_heads, head_dim = model_dims(model.config)
+    rotary = getattr(inner, "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if inv_freq is None or inv_freq.numel() != head_dim // 2:
+        return None  # partial or unusual RoPE: no safe static centre
+    positions = getattr(_text_config(model.config), "max_position_embeddings", None) or 4096
+    return ChannelCalibration.from_key_bias(biases, kv_heads, inv_freq=inv_freq.detach().double().cpu(),
+                                            max_positions=positions, max_angle=max_angle)
 
 
 def _check_mask(attention_mask, q_len: int, kv_len: int) -> None:

@@ -2,8 +2,7 @@
 configuration (addresses stripped) and its instruction count, to compare two trees: a change that only
 moves code must leave every file identical.
 
-    python scripts/kernel_sass.py ROOT OUTDIR    (ROOT: a folder holding the installed-layout package,
-                                                  e.g. the lay-out of scripts/bench_ab.py's _layout)
+    python scripts/kernel_sass.py TREE OUTDIR    (TREE: a checkout of the repository)
     diff -r OUT_BEFORE OUT_AFTER
 
 249 configurations: the split decode kernel (storages x head_dims x one-tile x q/V transforms x dot
@@ -20,6 +19,13 @@ import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
 root, outdir = sys.argv[1], sys.argv[2]
+if os.path.exists(os.path.join(root, "pyproject.toml")):  # a checkout: lay it out as the installed package
+    import tempfile
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_ab import _layout
+
+    root = _layout(os.path.abspath(root), tempfile.mkdtemp(prefix="kernel_sass_"))
 sys.path.insert(0, root)
 os.makedirs(outdir, exist_ok=True)
 

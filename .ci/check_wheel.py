@@ -14,7 +14,7 @@ SOURCES = {"trtllm_sawint4": "trtllm_sawint4", "kernels": "trtllm_sawint4/kernel
            "plugins": "trtllm_sawint4/plugins", "build_scripts": "trtllm_sawint4/build_scripts"}
 
 REQUIRED = ["trtllm_sawint4/__init__.py", "trtllm_sawint4/cli.py", "trtllm_sawint4/kernels/__init__.py",
-            "trtllm_sawint4/kernels/decode.py", "trtllm_sawint4/kernels/decode_mma.py",
+            "trtllm_sawint4/kernels/decode.py", "trtllm_sawint4/kernels/decode_gluon.py",
             "trtllm_sawint4/plugins/__init__.py", "trtllm_sawint4/plugins/contract.py",
             "trtllm_sawint4/build_scripts/__init__.py", "trtllm_sawint4/build_scripts/aot.py",
             "trtllm_sawint4/ops/reference.py", "trtllm_sawint4/eval/main.py"]

@@ -59,7 +59,7 @@ def dump(args) -> int:
         logits = torch.cat([model(input_ids=ids[i:i + 1]).logits.float() for i in range(ids.shape[0])])
     logp = torch.log_softmax(logits[:, :-1], -1)
     nll_sdpa = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # [W, L-1]
-    num_layers, kv_heads, head_dim = hf._model_dims(cfg)
+    num_layers, kv_heads, head_dim = hf.model_dims(cfg)
     paged = {}
     for fmt in args.formats.split(","):
         spec = KVCacheSpec(head_dim=head_dim, num_kv_heads=kv_heads, tokens_per_block=64,

@@ -10,7 +10,7 @@ instruction histogram of the longest loop of the SASS. This is how the single-bu
 synchronous metadata loads of the decode kernel were found (docs/kernels.md). Uses the ahead-of-time
 variants of kernels/aot.py (decode unsplit), so no GPU is needed; `decode --one-tile` compiles the
 split decode kernel with one-tile splits instead and reports where its tile loads go; `decode --mma`
-compiles the Gluon decode kernel (kernels/decode_mma.py); `all` compiles every JIT kernel (and the
+compiles the Gluon decode kernel (kernels/decode_gluon.py); `all` compiles every JIT kernel (and the
 Gluon one) and reports each one's resources. `--json` prints one JSON object (what the tests read)
 instead of the text report; it names the Triton and ptxas versions that produced it.
 """
@@ -42,13 +42,13 @@ def _loop_histogram(sass: str):
 
 
 def _compile_split_decode(args, one_tile: bool, arch: int = 90):
-    """The JIT decode kernel as launched with splits (kernels/decode.py; the AOT variant is unsplit),
+    """The JIT decode kernel as launched with splits (kernels/decode_triton.py; the AOT variant is unsplit),
     compiled for sm_90: needed to see the one-tile path (ONE_TILE)."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
 
-    from trtllm_sawint4.kernels.decode import _decode_kernel
+    from trtllm_sawint4.kernels.decode_triton import _decode_kernel
     from trtllm_sawint4.spec import KVCacheSpec
 
     d = args.head_dim
@@ -57,10 +57,10 @@ def _compile_split_decode(args, one_tile: bool, arch: int = 90):
                 qm_ptr="*fp32", vm_ptr="*fp32", out_ptr="*bf16", po_ptr="*fp32", pl_ptr="*fp32")
     scalars = dict(stride_qb="i32", stride_qh="i32", stride_ob="i32", stride_oh="i32", stride_bt="i32",
                    qk_scale="fp32", tiles_per_split="i32", max_tokens="i32")
-    constexprs = dict(H=8, G=4, GP=16, D=d, T=64, R=spec.region_bytes, STORAGE={"bf16": 0, "int8": 1}.get(spec.storage, 2),
+    constexprs = dict(H=8, G=4, GP=16, D=d, T=64, REGION=spec.region_bytes, STORAGE={"bf16": 0, "int8": 1}.get(spec.storage, 2),
                       META32=spec.metadata_dtype == "fp32", HAS_QM=spec.rotated, HAS_VM=False, SPLIT=True,
                       BLOCK_N=args.block_n or 64, DT=tl.bfloat16, PREC=1, Q_CHUNK=args.q_chunk or 64,
-                      ONE_TILE=one_tile)
+                      ONE_TILE=one_tile, WINDOW=0)
     signature = {**ptrs, **scalars, **{k: "constexpr" for k in constexprs}}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))}
     src = triton.compiler.ASTSource(fn=_decode_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -71,20 +71,20 @@ def _compile_split_decode(args, one_tile: bool, arch: int = 90):
 
 
 def _compile_mma_decode(args, fp16: bool, arch: int = 90):
-    """The Gluon decode kernel (kernels/decode_mma.py; one warp, 2 buffers by default, the q rotation
+    """The Gluon decode kernel (kernels/decode_gluon.py; one warp, 2 buffers by default, the q rotation
     in block-Hadamard form of blocks of 128 unless --rotation-block says otherwise; 0: none) for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from trtllm_sawint4.kernels import decode_mma
+    from trtllm_sawint4.kernels import decode_gluon
 
     ptrs = dict(q_ptr="*bf16", qm_ptr="*fp32", pool_ptr="*u8", poolh_ptr="*fp16", bt_ptr="*i32", sl_ptr="*i32", po_ptr="*fp32",
                 pl_ptr="*fp32")
     scalars = dict(stride_qb="i32", stride_qh="i32", stride_bt="i32", qk_scale="fp32", tiles_per_split="i32")
-    constexprs = dict(H=8, G=4, T=64, R=64 * (64 + 4), FP16=fp16, STAGES=args.stages or 2,
+    constexprs = dict(H=8, G=4, T=64, REGION=64 * (64 + 4), FP16=fp16, STAGES=args.stages or 2,
                       HB=128 if args.rotation_block is None else args.rotation_block)
-    src = GluonASTSource(fn=decode_mma._decode_mma_kernel, signature={**ptrs, **scalars,
+    src = GluonASTSource(fn=decode_gluon._decode_mma_kernel, signature={**ptrs, **scalars,
                                                                       **{k: "constexpr" for k in constexprs}},
                          constexprs=constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 1})
@@ -106,9 +106,10 @@ def _every_kernel(arch: int) -> dict:
     the append/decode/prefill bodies; the split decode, both reduce kernels, the q-prep kernel and the
     Gluon decode kernel as launched)."""
     from trtllm_sawint4.build_scripts.aot import compile_kernel
-    from trtllm_sawint4.kernels import decode_mma
+    from trtllm_sawint4.kernels import decode_gluon
+    from trtllm_sawint4.kernels._common import _q_prep_kernel
+    from trtllm_sawint4.kernels._reduce import _reduce_kernel, _reduce_rotate_kernel
     from trtllm_sawint4.kernels.aot import model_kernels
-    from trtllm_sawint4.kernels.decode import _reduce_kernel, _reduce_rotate_kernel
 
     out = {}
     for fmt in ("saw_int4", "int8", "bf16"):
@@ -123,11 +124,11 @@ def _every_kernel(arch: int) -> dict:
     out["reduce_rotate"] = _compile_jit(_reduce_rotate_kernel, {**reduce_ptrs, "vm_ptr": "*fp32", "out_ptr": "*bf16"},
                                         strides, dict(H=8, G=4, GP=16, D=128, SB=16, ONE_LOAD=True, PREC=1, HB=128),
                                         arch, 4)
-    out["q_prep"] = _compile_jit(decode_mma._q_prep_kernel, dict(q_ptr="*bf16", qm_ptr="*fp32", out_ptr="*fp32"),
+    out["q_prep"] = _compile_jit(_q_prep_kernel, dict(q_ptr="*bf16", qm_ptr="*fp32", out_ptr="*fp32"),
                                  dict(stride_qb="i32", stride_qh="i32"), dict(G=4, GP=16, D=128, Q_CHUNK=16, PREC=1),
                                  arch, 2)
-    if not decode_mma.HAVE_GLUON:
-        raise RuntimeError(f"Gluon unavailable: {decode_mma._UNAVAILABLE}")
+    if not decode_gluon.HAVE_GLUON:
+        raise RuntimeError(f"Gluon unavailable: {decode_gluon._UNAVAILABLE}")
     for fp16 in (False, True):
         out[f"decode_gluon[{'fp16' if fp16 else 'bf16'}]"] = _compile_mma_decode(
             argparse.Namespace(stages=None, rotation_block=None), fp16, arch)
@@ -244,7 +245,7 @@ def main(argv=None) -> int:
     p.add_argument("--one-tile", action="store_true",
                    help="decode: the split kernel with one-tile splits (ONE_TILE), and where its tile loads go")
     p.add_argument("--mma", action="store_true",
-                   help="decode: the Gluon kernel of kernels/decode_mma.py (saw_int4/int4, head_dim 128, G 4)")
+                   help="decode: the Gluon kernel of kernels/decode_gluon.py (saw_int4/int4, head_dim 128, G 4)")
     p.add_argument("--fp16", action="store_true", help="--mma: fp16 queries (default bf16)")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)

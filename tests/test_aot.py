@@ -7,13 +7,13 @@ import pytest
 import triton
 import triton.language as tl
 
-from trtllm_sawint4.build_scripts.aot import AotKernel, AotParam, load_manifest, write_artifacts
+from trtllm_sawint4.aot_manifest import POINTER_TYPES as POINTER_DTYPES
+from trtllm_sawint4.aot_manifest import AotKernel, AotParam
+from trtllm_sawint4.build_scripts.aot import load_manifest, write_artifacts
 from trtllm_sawint4.kernels.aot import model_kernels
 from trtllm_sawint4.plugins import contract
 
 from helpers import run_sawint4
-
-POINTER_DTYPES = {"*bf16": "bfloat16", "*fp16": "float16", "*fp32": "float32", "*u8": "uint8", "*i32": "int32"}
 
 
 @pytest.fixture(scope="module")

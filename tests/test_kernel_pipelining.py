@@ -55,15 +55,14 @@ def test_int4_tiles_are_double_buffered_and_metadata_async(op, extra):
 def test_decode_launch_configs_do_not_spill(regime, head_dim):
     """Each INT4 decode tile config, with the register cap it is launched with at this head_dim,
     compiles without spilling more than a few words: a cap of 168 at head_dim 256 spilled 512 bytes
-    per thread (hence kernels.decode.MAXNREG_MAX_HEAD_DIM)."""
-    import importlib
+    per thread (hence kernels.config.DecodeConfig.maxnreg_max_head_dim)."""
+    from trtllm_sawint4.kernels.config import DEFAULT
 
-    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
-    cfg = dmod.CONFIG[regime]
-    args = ["decode", "--format", "saw_int4", "--head-dim", str(head_dim), "--block-n", str(cfg["block_n"]),
-            "--warps", str(cfg["num_warps"]), "--stages", str(cfg["num_stages"]),
-            "--q-chunk", str(min(head_dim, cfg["q_chunk"]))]
-    cap = dmod.launch_maxnreg(cfg, head_dim)
+    cfg = DEFAULT.decode.tile(regime)
+    args = ["decode", "--format", "saw_int4", "--head-dim", str(head_dim), "--block-n", str(cfg.block_n),
+            "--warps", str(cfg.num_warps), "--stages", str(cfg.num_stages),
+            "--q-chunk", str(min(head_dim, cfg.q_chunk))]
+    cap = DEFAULT.decode.launch_maxnreg(cfg, head_dim)
     if cap is not None:
         args += ["--maxnreg", str(cap)]
     usage = inspect(*args)["resources"]
@@ -74,20 +73,20 @@ def test_one_tile_decode_issues_its_tile_loads_before_the_q_transform():
     """Decode's one-tile splits (ONE_TILE, the "tiny" config at head_dim 128) issue the K/V tile's loads
     before the q transform waits for its matrix, and use none of them before that: a layout conversion
     of the tile placed right after its loads made the warp wait there (docs/kernels.md)."""
-    import importlib
+    from trtllm_sawint4.kernels.config import DEFAULT
 
-    cfg = importlib.import_module("trtllm_sawint4.kernels.decode").CONFIG["tiny"]
-    args = ["decode", "--one-tile", "--format", "saw_int4", "--head-dim", "128", "--warps", str(cfg["num_warps"]),
-            "--stages", str(cfg["num_stages"]), "--q-chunk", str(cfg["q_chunk"])]
-    if cfg.get("maxnreg"):
-        args += ["--maxnreg", str(cfg["maxnreg"])]
+    cfg = DEFAULT.decode.tile("tiny")
+    args = ["decode", "--one-tile", "--format", "saw_int4", "--head-dim", "128", "--warps", str(cfg.num_warps),
+            "--stages", str(cfg.num_stages), "--q-chunk", str(cfg.q_chunk)]
+    if cfg.maxnreg:
+        args += ["--maxnreg", str(cfg.maxnreg)]
     order = inspect(*args)["one_tile"]
     assert order["loads_before_first_wait"] >= 2 and order["uses_before_first_wait"] == 0, order
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_mma_decode_loop_reads_operands_in_wide_words(dtype):
-    """The Gluon decode kernel (kernels/decode_mma.py) compiled for sm_90: its relabelled layouts must
+    """The Gluon decode kernel (kernels/decode_gluon.py) compiled for sm_90: its relabelled layouts must
     make every operand read a wide shared-memory load (K 16 bytes, V 8 bytes per thread) with no byte
     loads and no layout conversion through shared memory in the loop, no spills, 64 MMAs per 64-token
     tile, and the loop no longer than this Triton's compiler made it (MMA_LOOP_INSTRUCTIONS)."""

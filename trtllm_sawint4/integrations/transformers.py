@@ -41,7 +41,7 @@ from ..spec import KVCacheSpec
 ATTN_IMPLEMENTATION = "sawint4_paged"
 
 __all__ = ["ATTN_IMPLEMENTATION", "SawInt4Cache", "KeyRecorderCache", "sawint4_paged_attention",
-           "spec_for_config", "register", "key_bias_calibration"]
+           "spec_for_config", "register", "key_bias_calibration", "model_dims"]
 
 
 @dataclass
@@ -70,7 +70,7 @@ def _text_config(config):
     return get(decoder=True) if get is not None else config
 
 
-def _model_dims(config) -> tuple[int, int, int]:
+def model_dims(config) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of a decoder config."""
     cfg = _text_config(config)
     heads = cfg.num_attention_heads
@@ -85,7 +85,7 @@ def _model_dims(config) -> tuple[int, int, int]:
 
 def spec_for_config(config, kv_format: str = "saw_int4", **options) -> KVCacheSpec:
     """The KVCacheSpec of a transformers model config (head_dim and KV heads from the config)."""
-    _, kv_heads, head_dim = _model_dims(config)
+    _, kv_heads, head_dim = model_dims(config)
     return KVCacheSpec(head_dim=head_dim, num_kv_heads=kv_heads, kv_format=kv_format, **options)
 
 
@@ -160,9 +160,11 @@ class SawInt4Cache(Cache):
     def __init__(self, config=None, spec: KVCacheSpec | None = None, *, max_tokens: int = 4096, batch_size: int = 1,
                  calibration: ChannelCalibration | None = None, device: str | torch.device | None = None,
                  paged: PagedKVCache | None = None, key_bias_centre: bool = True):
+        query_dtype = torch.bfloat16
         if isinstance(config, torch.nn.Module):
-            if device is None:
-                device = next(config.parameters()).device
+            first = next(config.parameters())
+            device = first.device if device is None else device
+            query_dtype = first.dtype
             if calibration is None and key_bias_centre and paged is None and (spec is None or spec.rotated):
                 calibration = key_bias_calibration(config)
             config = config.config
@@ -170,7 +172,7 @@ class SawInt4Cache(Cache):
         if paged is None:
             if config is None:
                 raise ValueError("SawInt4Cache needs the model (or its config) or an existing PagedKVCache (paged=)")
-            num_layers, kv_heads, head_dim = _model_dims(config)
+            num_layers, kv_heads, head_dim = model_dims(config)
             if spec is None:
                 spec = KVCacheSpec(head_dim=head_dim, num_kv_heads=kv_heads)
             if (spec.head_dim, spec.num_kv_heads) != (head_dim, kv_heads):
@@ -179,11 +181,12 @@ class SawInt4Cache(Cache):
             if max_tokens < 1 or batch_size < 1:
                 raise ValueError(f"max_tokens and batch_size must be >= 1, got {max_tokens}, {batch_size}")
             blocks = batch_size * math.ceil(max_tokens / spec.tokens_per_block)
-            paged = PagedKVCache(spec, num_layers, blocks, device=device or "cpu", calibration=calibration)
+            paged = PagedKVCache(spec, num_layers, blocks, device=device or "cpu", calibration=calibration,
+                                 num_query_heads=_text_config(config).num_attention_heads, query_dtype=query_dtype)
         elif spec is not None and spec != paged.spec:
             raise ValueError("give either spec or paged, not both")
-        elif config is not None and _model_dims(config)[0] != paged.num_layers:
-            raise ValueError(f"the paged cache has {paged.num_layers} layers, the model {_model_dims(config)[0]}")
+        elif config is not None and model_dims(config)[0] != paged.num_layers:
+            raise ValueError(f"the paged cache has {paged.num_layers} layers, the model {model_dims(config)[0]}")
         self.paged = paged
         self.spec = paged.spec
         self.seq_ids: list[int] = []
@@ -274,7 +277,7 @@ def key_bias_calibration(model, max_angle: float = 1.0) -> ChannelCalibration | 
     biases = [getattr(getattr(getattr(layer, "self_attn", None), "k_proj", None), "bias", None) for layer in layers]
     if not biases or any(b is None for b in biases):
         return None
-    num_layers, kv_heads, head_dim = _model_dims(model.config)
+    num_layers, kv_heads, head_dim = model_dims(model.config)
     rotary = getattr(inner, "rotary_emb", None)
     inv_freq = getattr(rotary, "inv_freq", None)
     if inv_freq is None or inv_freq.numel() != head_dim // 2:

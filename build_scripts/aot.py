@@ -3,93 +3,23 @@
 A TensorRT AOT plugin launches exactly one kernel whose parameters are: input pointers, then
 integer scalars, then output pointers, nothing else. Floats and model constants are compile-time
 constants; Triton's two trailing scratch pointers, unused by these kernels, are stripped from the
-PTX (`strip_scratch_params`) before it is assembled to the cubin. `trtllm_sawint4.kernels.aot` describes the kernel
-variants in that form (`AotKernel`); this module compiles them for each GPU target and writes the
-manifest that the TensorRT plugins (`plugins/`) and the test launcher (`aot_launcher.py`) read.
+PTX (`strip_scratch_params`) before it is assembled to the cubin. `trtllm_sawint4.kernels.aot` describes the
+kernel variants in that form (`aot_manifest.AotKernel`); this module compiles them for each GPU target and
+writes the manifest (`trtllm_sawint4.aot_manifest` says what it holds) that the TensorRT plugins
+(`plugins/`) and the test launcher (`aot_launcher.py`) read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-from . import symexpr
+from trtllm_sawint4.aot_manifest import MANIFEST_FORMAT, AotKernel, read_manifest
+from trtllm_sawint4.spec import FORMATS, HEAD_DIMS, TOKENS_PER_BLOCK
 
-MANIFEST_FORMAT = "sawint4-aot/1"
 TARGETS = {"sm_80": 80, "sm_89": 89, "sm_90": 90}
-#: Triton signature type -> torch dtype name, for the launcher and the plugins' type rules.
-POINTER_TYPES = {"*bf16": "bfloat16", "*fp16": "float16", "*fp32": "float32", "*u8": "uint8", "*i32": "int32",
-                 "*i64": "int64"}
-
-
-@dataclass
-class AotParam:
-    """One kernel parameter in TensorRT order. kind: 'input' | 'scalar' | 'output'.
-
-    type: a Triton signature type ('*bf16', '*u8', 'i32', ...). scalar: `value` is a shape
-    expression (symexpr). output: `alias` names the input it updates in place, if any; else
-    `shape` gives its dims as shape expressions and it is a fresh tensor."""
-
-    name: str
-    kind: str
-    type: str
-    value: str | None = None
-    alias: str | None = None
-    shape: list[str] | None = None
-
-
-@dataclass
-class AotKernel:
-    """One plugin's kernel: a @triton.jit function with its parameters in TensorRT order."""
-
-    op: str
-    fn: object  # triton JITFunction
-    params: list[AotParam]
-    constexprs: dict
-    grid: tuple[str, str, str]
-    num_warps: int = 4
-    num_stages: int = 2
-    #: shape expression -> largest value the compiled constants allow (e.g. the batch a prefill
-    #: kernel's padded sequence scan covers); the launcher and the plugins refuse larger inputs.
-    limits: dict = field(default_factory=dict)
-
-    def check(self) -> None:
-        kinds = [p.kind for p in self.params]
-        order = {"input": 0, "scalar": 1, "output": 2}
-        if any(k not in order for k in kinds):
-            raise ValueError(f"{self.op}: parameter kinds must be input/scalar/output, got {kinds}")
-        if [order[k] for k in kinds] != sorted(order[k] for k in kinds):
-            raise ValueError(f"{self.op}: TensorRT AOT order is inputs, then integer scalars, then outputs; got {kinds}")
-        inputs = {p.name for p in self.params if p.kind == "input"}
-        for p in self.params:
-            if p.kind == "scalar":
-                if p.type not in ("i32", "i64"):
-                    raise ValueError(f"{self.op}.{p.name}: AOT scalars must be integers, got {p.type}")
-                _check_expr(self.op, p.value, inputs)
-            elif p.type not in POINTER_TYPES:
-                raise ValueError(f"{self.op}.{p.name}: pointer type {p.type} not supported")
-            if p.kind == "output" and p.alias is None and not p.shape:
-                raise ValueError(f"{self.op}.{p.name}: an output needs alias= or shape=")
-            if p.alias is not None and p.alias not in inputs:
-                raise ValueError(f"{self.op}.{p.name}: alias {p.alias!r} is not an input")
-            for e in p.shape or []:
-                _check_expr(self.op, e, inputs)
-        for e in [*self.grid, *self.limits]:
-            _check_expr(self.op, e, inputs)
-        arg_names = list(self.fn.arg_names)
-        want = [p.name for p in self.params] + sorted(self.constexprs, key=arg_names.index)
-        if arg_names != want:
-            raise ValueError(f"{self.op}: kernel parameters {arg_names} do not match the description {want}")
-
-
-def _check_expr(op: str, expr: str | None, inputs: set[str]) -> None:
-    if expr is None:
-        raise ValueError(f"{op}: missing shape expression")
-    unknown = symexpr.inputs_used(expr) - inputs
-    if unknown:
-        raise ValueError(f"{op}: shape expression {expr!r} names {sorted(unknown)}, not inputs of the kernel")
 
 
 def compile_kernel(kernel: AotKernel, arch: int, extra_options: dict | None = None):
@@ -105,7 +35,10 @@ def compile_kernel(kernel: AotKernel, arch: int, extra_options: dict | None = No
     signature = {p.name: p.type for p in kernel.params}
     signature.update({k: "constexpr" for k in kernel.constexprs})
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params) if p.type.startswith("*")}
-    src = triton.compiler.ASTSource(fn=kernel.fn, signature=signature, constexprs=kernel.constexprs, attrs=attrs)
+    source = triton.compiler.ASTSource
+    if type(kernel.fn).__name__ == "GluonJITFunction":  # kernels/decode_gluon.py's kernel, in Gluon
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    src = source(fn=kernel.fn, signature=signature, constexprs=kernel.constexprs, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     options = {"num_warps": kernel.num_warps, "num_stages": kernel.num_stages, **(extra_options or {})}
     return triton.compile(src, target=target, options=options)
@@ -194,24 +127,19 @@ def write_artifacts(kernels: list[AotKernel], targets: list[str], out_dir: str |
 
 
 def load_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `sawint4 aot --out {folder}` first")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path} is not a {MANIFEST_FORMAT} manifest")
-    return manifest
+    """The manifest of a `sawint4 aot` output folder (aot_manifest.read_manifest)."""
+    return read_manifest(folder)[1]
 
 
 # ---- CLI ------------------------------------------------------------------------------------
 def add_arguments(p) -> None:
     p.add_argument("--out", default="aot_out", help="folder for cubin/PTX files and manifest.json")
     p.add_argument("--targets", default="sm_80,sm_89,sm_90", help="comma-separated GPU targets")
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--head-dim", type=int, default=128, choices=HEAD_DIMS)
     p.add_argument("--num-heads", type=int, default=32, help="query heads")
     p.add_argument("--num-kv-heads", type=int, default=8)
-    p.add_argument("--tokens-per-block", type=int, default=64)
-    p.add_argument("--kv-format", default="saw_int4", help="bf16 | int8 | int4 | saw_int4")
+    p.add_argument("--tokens-per-block", type=int, default=64, choices=TOKENS_PER_BLOCK)
+    p.add_argument("--kv-format", default="saw_int4", choices=FORMATS)
     p.add_argument("--rotate-v", action="store_true")
     p.add_argument("--calibrated", action="store_true", help="include the K channel mean (k_bias) input")
     p.add_argument("--query-dtype", default="bf16", choices=["bf16", "fp16"])
@@ -219,7 +147,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..kernels.aot import model_kernels  # imports triton
+    from trtllm_sawint4.kernels.aot import model_kernels  # imports triton
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     model = dict(head_dim=args.head_dim, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,

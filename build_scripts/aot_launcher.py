@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from . import symexpr
-from .aot import POINTER_TYPES, load_manifest
+from trtllm_sawint4 import symexpr
+from trtllm_sawint4.aot_manifest import POINTER_TYPES, read_manifest
 
 _SCALAR_CTYPES = {"i32": ctypes.c_int32, "i64": ctypes.c_int64}
 
@@ -41,7 +41,7 @@ class AotLauncher:
     def __init__(self, folder: str | Path, target: str = "sm_90"):
         cu = _driver()
         torch.zeros(1, device="cuda")  # make torch's primary context current on this thread
-        self.manifest = load_manifest(folder)
+        _, self.manifest = read_manifest(folder)
         self.kernels = {}
         for entry in self.manifest["kernels"]:
             if entry["target"] != target:

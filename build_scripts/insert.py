@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from trtllm_sawint4.plugins import contract
-from trtllm_sawint4.spec import KVCacheSpec
+from trtllm_sawint4.spec import FORMATS, METADATA_DTYPES, TOKENS_PER_BLOCK, KVCacheSpec
 
 #: model.metadata_props key holding the cache format the rewritten graph expects (JSON).
 METADATA_KEY = "sawint4.kv_cache"
@@ -516,12 +516,12 @@ def read_metadata(model) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="ONNX decoder with Attention (opset 23) or com.microsoft GroupQueryAttention")
     parser.add_argument("output", help="where to write the rewritten model (the input is never modified)")
-    parser.add_argument("--kv-format", default="saw_int4", choices=["bf16", "int8", "int4", "saw_int4"])
-    parser.add_argument("--tokens-per-block", type=int, default=16)
+    parser.add_argument("--kv-format", default="saw_int4", choices=FORMATS)
+    parser.add_argument("--tokens-per-block", type=int, default=16, choices=TOKENS_PER_BLOCK)
     parser.add_argument("--rotation-block", type=int, default=None, help="saw_int4 only (default min(head_dim, 128))")
     parser.add_argument("--rotate-v", action="store_true", help="saw_int4 only: rotate V too")
     parser.add_argument("--sign-seed", type=int, default=None, help="saw_int4 only: random sign flips")
-    parser.add_argument("--metadata-dtype", default="fp16", choices=["fp16", "fp32"])
+    parser.add_argument("--metadata-dtype", default="fp16", choices=METADATA_DTYPES)
     parser.add_argument("--calibration", default=None, help="channel calibration file from `sawint4 calibrate`")
     parser.add_argument("--mode", default="prefill", choices=["prefill", "decode"],
                         help="prefill: general attention (prefill, chunked prefill and decode); "

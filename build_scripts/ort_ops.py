@@ -112,19 +112,13 @@ class PagedSession:
         return self.allocator.add_sequence()
 
     def length(self, seq_id: int) -> int:
-        return self.allocator._seq(seq_id).length
+        return self.allocator.length(seq_id)
 
     def step(self, new_tokens: dict, rows: bool = False) -> dict:
         seq_ids = list(new_tokens)
         counts = [len(new_tokens[s]) for s in seq_ids]
         starts = [self.length(s) for s in seq_ids]
-        slots = []
-        for s, n in zip(seq_ids, counts):
-            slots += self.allocator.extend(s, n)
-        seqs = [self.allocator._seq(s) for s in seq_ids]
-        table = np.zeros((len(seqs), max(len(q.blocks) for q in seqs)), np.int32)
-        for r, q in enumerate(seqs):
-            table[r, :len(q.blocks)] = q.blocks
+        step = self.allocator.step_metadata(seq_ids, counts)
         ids = [np.asarray(new_tokens[s], np.int64) for s in seq_ids]
         pos = [np.arange(p, p + n, dtype=np.int64) for p, n in zip(starts, counts)]
         if rows:
@@ -133,9 +127,10 @@ class PagedSession:
             input_ids, position_ids = np.stack(ids), np.stack(pos)
         else:
             input_ids, position_ids = np.concatenate(ids)[None], np.concatenate(pos)[None]
-        feeds = dict(self.extra_feeds, input_ids=input_ids, position_ids=position_ids, block_table=table,
-                     seq_lens=np.array([q.length for q in seqs], np.int32), slot_mapping=np.array(slots, np.int32),
-                     query_start_loc=np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+        feeds = dict(self.extra_feeds, input_ids=input_ids, position_ids=position_ids,
+                     block_table=np.array(step.block_table, np.int32), seq_lens=np.array(step.seq_lens, np.int32),
+                     slot_mapping=np.array(step.slot_mapping, np.int32),
+                     query_start_loc=np.array(step.query_start_loc, np.int32))
         feeds.update({f"kv_pool_{i}": p for i, p in enumerate(self.pools)})
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         outs = dict(zip(self.output_names, self.session.run(None, feeds)))

@@ -1,31 +1,26 @@
-"""Triton kernels of the three cache ops (append, decode, prefill).
+"""Triton kernels of the three cache ops, one module each, imported by name:
 
-Importing this package registers them for CUDA in trtllm_sawint4.ops.dispatch. Without triton
-the import succeeds and registers nothing (the reference then serves CUDA too). The same
-wrappers run on CPU tensors under TRITON_INTERPRET=1 (set before triton is imported).
+    trtllm_sawint4.kernels.append    fused transform + quantize + store
+    trtllm_sawint4.kernels.decode    plan a decode launch (schedule.py), run its backend:
+                                     decode_triton.py (every format) or decode_gluon.py (INT4, head_dim 128);
+                                     _reduce.py merges their split partials
+    trtllm_sawint4.kernels.prefill   paged (chunked) prefill
+    trtllm_sawint4.kernels.config    the launch configuration (DEFAULT), an immutable value callers pass
+    trtllm_sawint4.kernels.aot       the ahead-of-time variants TensorRT plugins launch
+
+The torch-op layer (trtllm_sawint4.ops.dispatch) imports them; nothing here imports upward. The
+same launchers run on CPU tensors under TRITON_INTERPRET=1 (set before triton is imported).
+
+This package imports nothing itself: the repository's top-level folder is also importable as a plain
+`kernels` package whenever the repository root is on sys.path, and transformers probes that name for
+Hugging Face's `kernels` package, so it must import cleanly and do nothing (it has no version, so
+transformers treats it as absent).
 """
 
 from __future__ import annotations
 
-try:
-    import triton  # noqa: F401
-    HAVE_TRITON = True
-except Exception:  # pragma: no cover - machines without triton
-    HAVE_TRITON = False
+import importlib.util
 
-# The repository's top-level folder is also importable as a plain `kernels` package whenever the
-# repository root is on sys.path (`python -m ...` run from it). transformers probes for Hugging
-# Face's `kernels` package by importing that name, so under any other name this module must import
-# cleanly and do nothing (no version: transformers then treats it as absent).
-if HAVE_TRITON and __name__ == "trtllm_sawint4.kernels":
-    from .append import append
-    from .decode import decode
-    from .prefill import prefill
-    from ..ops.dispatch import register
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
-    register("append", "cuda", append)
-    register("decode", "cuda", decode)
-    register("prefill", "cuda", prefill)
-    __all__ = ["append", "decode", "prefill", "HAVE_TRITON"]
-else:  # pragma: no cover
-    __all__ = ["HAVE_TRITON"]
+__all__ = ["HAVE_TRITON"]

@@ -5,18 +5,33 @@ Conventions shared by every kernel:
     split-halves packing (byte j = c[j] | c[j + D/2] << 4), so unpacking needs no shuffles. The
     other storages use the same halves so that one code path serves all three.
   * Pool addressing is in bytes on the uint8 pool: region(block, kv, head) starts at
-    ((block * 2 + kv) * H + head) * R; codes, then T scales, then T mins (layout.py).
+    ((block * 2 + kv) * H + head) * REGION; codes, then T scales, then T mins (layout.py).
   * Transforms are fp32 [D, D] matrices applied as four [D/2, D/2] blocks, or, when declared in
-    block-Hadamard form (HB > 0, the ops' rotation_block), as their diagonal factor times +-1
+    block-Hadamard form (HB > 0, the ops' hadamard_block), as their diagonal factor times +-1
     Sylvester blocks made from indices.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-STORAGE_CODE = {"bf16": 0, "int8": 1, "int4": 2}
+LOG2E = 1.4426950408889634
+
+
+def pool_pointers(pool: torch.Tensor):
+    """The pool as uint8, bf16 and fp32 (typed views for element-offset addressing: the kernels
+    never cast pointers; every region is a multiple of 4 bytes; fp16 metadata is read as 32-bit words)."""
+    return pool, pool.view(torch.bfloat16), pool.view(torch.float32)
+
+
+_TRITON_DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+
+
+def triton_dtype(name: str):
+    """'bf16' | 'fp16' | 'fp32' -> the tl dtype (schedules name dtypes without importing triton)."""
+    return _TRITON_DTYPES[name]
 
 
 def _patch_interpreter() -> None:
@@ -244,6 +259,23 @@ def _transform_rows(row_ptr, rmask, m_ptr, TRANS: tl.constexpr, D: tl.constexpr,
         y_lo += _mm(x, tl.load(m_ptr + off), PREC)
         y_hi += _mm(x, tl.load(m_ptr + off + ih), PREC)
     return y_lo, y_hi
+
+
+@triton.jit
+def _q_prep_kernel(q_ptr, qm_ptr, out_ptr, stride_qb, stride_qh, G: tl.constexpr, GP: tl.constexpr,
+                   D: tl.constexpr, Q_CHUNK: tl.constexpr, PREC: tl.constexpr):
+    """q @ q_matrix[h]^T for the G heads of KV head h, fp32 [B, Hq, D]; grid (B, Hkv). The Gluon decode
+    kernel runs it first for a dense matrix (one in block-Hadamard form it applies itself)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    HALF: tl.constexpr = D // 2
+    g = tl.arange(0, GP)
+    gmask = g < G
+    qrow = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh
+    q_lo, q_hi = _transform_rows(qrow, gmask, qm_ptr + h * D * D, True, D, Q_CHUNK, PREC)
+    op = out_ptr + (b.to(tl.int64) * tl.num_programs(1) * G + h * G + g)[:, None] * D + tl.arange(0, HALF)[None, :]
+    tl.store(op, q_lo, mask=gmask[:, None])
+    tl.store(op + HALF, q_hi, mask=gmask[:, None])
 
 
 def _unpack_asm(magic: int) -> tl.constexpr:

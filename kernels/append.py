@@ -11,7 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import STORAGE_CODE, _round_f16, _to_bf16_rne, _transform_rows
+from trtllm_sawint4.spec import StorageFormat
+
+from ._common import _round_f16, _to_bf16_rne, _transform_rows
+from .config import DEFAULT, AppendConfig
 
 
 @triton.jit
@@ -30,7 +33,7 @@ def _div_rn_by(a, b, rcp, INTERP: tl.constexpr):
 @triton.jit
 def _append_one(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, x_ptr, stride_n, stride_h, m_ptr, m_stride_h, b_ptr, rows, rmask, blk, row, h,
                 KV: tl.constexpr, HAS_M: tl.constexpr, HAS_B: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
-                T: tl.constexpr, R: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr,
+                T: tl.constexpr, REGION: tl.constexpr, STORAGE: tl.constexpr, META32: tl.constexpr,
                 PREC: tl.constexpr, HB: tl.constexpr = 0):
     HALF: tl.constexpr = D // 2
     cols = tl.arange(0, HALF)
@@ -45,7 +48,7 @@ def _append_one(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, x_ptr, stride_n, stri
         bb = b_ptr + h * D + cols
         y_lo = y_lo + tl.load(bb)[None, :]
         y_hi = y_hi + tl.load(bb + HALF)[None, :]
-    base = ((blk * 2 + KV) * H + h) * R  # int64 [BLOCK_N]
+    base = ((blk * 2 + KV) * H + h) * REGION  # int64 [BLOCK_N]
     if STORAGE == 0:  # bf16: plain copy
         p = poolb_ptr + (base // 2 + row * D)[:, None] + cols[None, :]
         if PREC == 0:  # interpreter
@@ -106,7 +109,7 @@ def _append_one(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, x_ptr, stride_n, stri
 @triton.jit
 def _append_kernel(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, key_ptr, val_ptr, slot_ptr, km_ptr, kb_ptr, vm_ptr, N,
                    stride_kn, stride_kh, stride_vn, stride_vh,
-                   H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
+                   H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, REGION: tl.constexpr,
                    STORAGE: tl.constexpr, META32: tl.constexpr, HAS_KM: tl.constexpr, HAS_KB: tl.constexpr,
                    HAS_VM: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, HB: tl.constexpr = 0):
     pid = tl.program_id(0)
@@ -117,17 +120,9 @@ def _append_kernel(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, key_ptr, val_ptr, 
     blk = slot // T
     row = slot % T
     _append_one(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, key_ptr, stride_kn, stride_kh, km_ptr, D * D, kb_ptr, rows, rmask, blk, row, h,
-                0, HAS_KM, HAS_KB, H, D, T, R, STORAGE, META32, PREC, HB)
+                0, HAS_KM, HAS_KB, H, D, T, REGION, STORAGE, META32, PREC, HB)
     _append_one(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, val_ptr, stride_vn, stride_vh, vm_ptr, 0, kb_ptr, rows, rmask, blk, row, h,
-                1, HAS_VM, False, H, D, T, R, STORAGE, META32, PREC, HB)
-
-
-#: Transform precision for bf16 K/V (kernels._common._mm): 4 = the matrix in two bf16 terms.
-APPEND_BF16_PREC = 4
-
-#: (BLOCK_N tokens per program, num_warps) at head_dim <= 128 (halved tokens, 8 warps above);
-#: `sawint4 bench --only tuneappend` re-measures them.
-CONFIG = {"plain": (32, 4), "transform": (64, 4)}
+                1, HAS_VM, False, H, D, T, REGION, STORAGE, META32, PREC, HB)
 
 
 def _contig_last(x: torch.Tensor) -> torch.Tensor:
@@ -135,25 +130,26 @@ def _contig_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage: str, meta_dtype: str,
-           rotation_block: int = 0) -> None:
-    """Same signature and effect as trtllm_sawint4.ops.reference.append."""
-    from ..layout import tokens_per_block_of
-
+           hadamard_block: int = 0, *, config: AppendConfig | None = None) -> None:
+    """Same signature and effect as trtllm_sawint4.ops.reference.append; `config`: the launch tiles
+    (DEFAULT.append when None)."""
+    config = config or DEFAULT.append
     n, h, d = key.shape
     if n == 0:
         return
-    t = tokens_per_block_of(pool, d, storage, meta_dtype)
+    fmt = StorageFormat(storage, meta_dtype)
+    t = fmt.tokens_per_block(d, pool.shape[-1])
     key, value = _contig_last(key), _contig_last(value)
     interp = pool.device.type == "cpu"
     has_m = k_matrix is not None or v_matrix is not None
     if interp:
         prec = 0
     elif key.dtype == torch.bfloat16:
-        prec = APPEND_BF16_PREC
+        prec = config.bf16_prec
     else:
         prec = 2
     dummy = slot_mapping
-    block_n, warps = CONFIG["transform" if has_m else "plain"]
+    block_n, warps = config.transform if has_m else config.plain
     if d >= 256:
         block_n, warps = block_n // 2, 8
     if interp:
@@ -165,7 +161,7 @@ def append(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage: 
         k_bias.contiguous() if k_bias is not None else dummy,
         v_matrix.contiguous() if v_matrix is not None else dummy,
         n, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        H=h, D=d, T=t, R=pool.shape[-1], STORAGE=STORAGE_CODE[storage], META32=meta_dtype == "fp32",
+        H=h, D=d, T=t, REGION=pool.shape[-1], STORAGE=fmt.kernel_code, META32=fmt.meta32,
         HAS_KM=k_matrix is not None, HAS_KB=k_bias is not None, HAS_VM=v_matrix is not None,
-        PREC=prec, BLOCK_N=block_n, HB=rotation_block, num_warps=warps,
+        PREC=prec, BLOCK_N=block_n, HB=hadamard_block, num_warps=warps,
     )

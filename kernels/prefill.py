@@ -14,22 +14,25 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import STORAGE_CODE, _nan_rows_with_nonfinite, _transform_rows
+from trtllm_sawint4.spec import StorageFormat
+
+from ._common import LOG2E, _nan_rows_with_nonfinite, _transform_rows, pool_pointers, triton_dtype
 from ._tiles import _code_offset, _load_kv_tile, _tile_block_ids, _tile_rows
-from .decode import LOG2E, _dot_dtype, _pool_views
+from .config import DEFAULT, PrefillConfig
+from .schedule import dot_dtype
 
 
 @triton.jit
 def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk, h, n0, pos, seq_len,
-                  MASK: tl.constexpr, H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
+                  MASK: tl.constexpr, H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, REGION: tl.constexpr,
                   STORAGE: tl.constexpr, META32: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
-                  ASM: tl.constexpr):
+                  ASM: tl.constexpr, WINDOW: tl.constexpr = 0):
     tok = n0 + tl.arange(0, BLOCK_N)
     tmask = tok < seq_len
     row = _tile_rows(n0, BLOCK_N, T)
-    kbase = (blk.to(tl.int64) * 2 * H + h) * R
+    kbase = (blk.to(tl.int64) * 2 * H + h) * REGION
     k_lo, k_hi, ks, km = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase, row, tmask, D, T, STORAGE, META32, DT, ASM)
-    v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase + H * R, row, tmask, D, T, STORAGE, META32, DT, ASM)
+    v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase + H * REGION, row, tmask, D, T, STORAGE, META32, DT, ASM)
     off = _code_offset(STORAGE, DT)
     s = tl.dot(q_lo, tl.trans(k_lo))
     s = tl.dot(q_hi, tl.trans(k_hi), s)
@@ -37,6 +40,8 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_pt
         s = s * ks[None, :] + qsum[:, None] * (km - off * ks)[None, :]
     if MASK:
         vis = (tok[None, :] <= pos[:, None]) & tmask[None, :]
+        if WINDOW > 0:  # query at p sees p - WINDOW < j <= p
+            vis = vis & (tok[None, :] > pos[:, None] - WINDOW)
         s = tl.where(vis, s, float("-inf"))
         # A non-finite V (quantized: stored with nan metadata; bf16: an inf/nan element) is kept out
         # of the rows that cannot see it (their zero weight times it would leak nan into them) and
@@ -78,10 +83,12 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_pt
 @triton.jit
 def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_ptr, qm_ptr, vm_ptr, out_ptr, scratch_ptr,
                     stride_qn, stride_qh, stride_on, stride_oh, stride_bt, qk_scale, B,
-                    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
+                    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, T: tl.constexpr, REGION: tl.constexpr,
                     STORAGE: tl.constexpr, META32: tl.constexpr, HAS_QM: tl.constexpr, HAS_VM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, DT: tl.constexpr,
-                    PREC: tl.constexpr, HB: tl.constexpr = 0):
+                    PREC: tl.constexpr, HB: tl.constexpr = 0, WINDOW: tl.constexpr = 0):
+    """WINDOW > 0: query j (position p) sees only positions p - WINDOW < k <= p; the key tiles then run
+    from the window of the tile's first query, all through the masked path."""
     pid = tl.program_id(0)
     hq = tl.program_id(1)
     h = hq // G
@@ -131,20 +138,30 @@ def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_p
     kv_end = tl.where(valid & (last_row >= tile * BLOCK_M), seq_len - q_len + last_row + 1, 0)
     n_full = tl.where(valid, (pos_first + 1) // BLOCK_N, 0)
     n_full = tl.minimum(n_full, tl.cdiv(kv_end, BLOCK_N))
-    # block ids one tile ahead (see kernels/decode.py: keeps the tile loads multi-buffered)
-    blk_next = _tile_block_ids(bt_row, 0, kv_end, BLOCK_N, T)
-    for n in range(0, n_full):
-        blk = blk_next
-        blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
-        m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk,
-                                                 h, n * BLOCK_N, pos, seq_len, False, H, D, T, R, STORAGE,
-                                                 META32, BLOCK_N, DT, PREC != 0)
-    for n in range(n_full, tl.cdiv(kv_end, BLOCK_N)):
-        blk = blk_next
-        blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
-        m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk,
-                                                 h, n * BLOCK_N, pos, seq_len, True, H, D, T, R, STORAGE,
-                                                 META32, BLOCK_N, DT, PREC != 0)
+    if WINDOW > 0:
+        n_start = tl.where(valid, tl.maximum(pos_first - WINDOW + 1, 0) // BLOCK_N, 0)
+        blk_next = _tile_block_ids(bt_row, n_start * BLOCK_N, kv_end, BLOCK_N, T)
+        for n in range(n_start, tl.cdiv(kv_end, BLOCK_N)):
+            blk = blk_next
+            blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
+            m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr,
+                                                     poolf_ptr, blk, h, n * BLOCK_N, pos, seq_len, True, H, D, T,
+                                                     REGION, STORAGE, META32, BLOCK_N, DT, PREC != 0, WINDOW)
+    else:
+        # block ids one tile ahead (see kernels/decode_triton.py: keeps the tile loads multi-buffered)
+        blk_next = _tile_block_ids(bt_row, 0, kv_end, BLOCK_N, T)
+        for n in range(0, n_full):
+            blk = blk_next
+            blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
+            m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk,
+                                                     h, n * BLOCK_N, pos, seq_len, False, H, D, T, REGION, STORAGE,
+                                                     META32, BLOCK_N, DT, PREC != 0)
+        for n in range(n_full, tl.cdiv(kv_end, BLOCK_N)):
+            blk = blk_next
+            blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
+            m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk,
+                                                     h, n * BLOCK_N, pos, seq_len, True, H, D, T, REGION, STORAGE,
+                                                     META32, BLOCK_N, DT, PREC != 0)
 
     nz = l_i > 0
     inv = tl.where(nz, 1.0 / tl.where(nz, l_i, 1.0), 0.0)
@@ -162,22 +179,21 @@ def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_p
     tl.store(op + HALF, o_hi.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
-#: Tunables per head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages); quantized storages / bf16 storage.
-#: (H200, Hq 32 / Hkv 8, prefix 8k + chunk 2k: see docs/kernels.md)
-CONFIG = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 8, 2)}
-CONFIG_BF16 = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 128, 8, 2), 256: (64, 32, 8, 2)}
+#: tile the interpreter runs (small shapes; its tl.dot is slow): (BLOCK_M, BLOCK_N, num_warps, num_stages)
+INTERP_TILE = (16, 16, 4, 1)
 
 
 def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_matrix, scale: float, storage: str,
-            meta_dtype: str, rotation_block: int = 0):
-    """Same signature and result as trtllm_sawint4.ops.reference.prefill."""
-    from ..layout import tokens_per_block_of
-
+            meta_dtype: str, hadamard_block: int = 0, window: int = 0, *, config: PrefillConfig | None = None):
+    """Same signature and result as trtllm_sawint4.ops.reference.prefill; `config`: the launch tiles
+    (DEFAULT.prefill when None)."""
+    config = config or DEFAULT.prefill
     nq, hq, d = query.shape
     h = pool.shape[2]
     g = hq // h
     bsz = block_table.shape[0]
-    t = tokens_per_block_of(pool, d, storage, meta_dtype)
+    fmt = StorageFormat(storage, meta_dtype)
+    t = fmt.tokens_per_block(d, pool.shape[-1])
     # rows no sequence claims stay zero, like the reference
     out = torch.zeros_like(query)
     if nq == 0 or bsz == 0:
@@ -185,22 +201,23 @@ def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_mat
     if query.stride(-1) != 1:
         query = query.contiguous()
     interp = pool.device.type == "cpu"
-    block_m, block_n, warps, stages = (CONFIG_BF16 if storage == "bf16" else CONFIG)[d]
+    tile = config.tile(d, storage)
+    block_m, block_n, warps, stages = (tile.block_m, tile.block_n, tile.num_warps, tile.num_stages)
     if interp:
-        block_m, block_n, warps, stages = 16, 16, 4, 1
-    dt = _dot_dtype(query, storage, interp)
+        block_m, block_n, warps, stages = INTERP_TILE
+    dt = triton_dtype(dot_dtype(query.dtype, storage, interp, config.interp_dot_dtype))
     dummy = seq_lens
     grid = (triton.cdiv(nq, block_m) + bsz, hq)
     scratch = torch.empty((nq, hq, d), dtype=torch.float32, device=query.device) if v_matrix is not None else out
     _prefill_kernel[grid](
-        query, *_pool_views(pool), block_table, seq_lens, query_start_loc,
+        query, *pool_pointers(pool), block_table, seq_lens, query_start_loc,
         q_matrix.contiguous() if q_matrix is not None else dummy,
         v_matrix.contiguous() if v_matrix is not None else dummy, out, scratch,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         float(scale) * LOG2E, bsz,
-        H=h, G=g, D=d, T=t, R=pool.shape[-1], STORAGE=STORAGE_CODE[storage], META32=meta_dtype == "fp32",
+        H=h, G=g, D=d, T=t, REGION=pool.shape[-1], STORAGE=fmt.kernel_code, META32=fmt.meta32,
         HAS_QM=q_matrix is not None, HAS_VM=v_matrix is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        B_PAD=max(2, triton.next_power_of_2(bsz)), DT=dt, PREC=0 if interp else 1, HB=rotation_block,
+        B_PAD=max(2, triton.next_power_of_2(bsz)), DT=dt, PREC=0 if interp else 1, HB=hadamard_block, WINDOW=window,
         num_warps=warps, num_stages=stages,
     )
     return out

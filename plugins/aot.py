@@ -23,23 +23,18 @@ Constraints (TensorRT's, and what is NOT verified here since TensorRT cannot be 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from trtllm_sawint4 import symexpr
+from trtllm_sawint4.aot_manifest import MANIFEST_FORMAT, POINTER_TYPES, AotError, read_manifest  # noqa: F401
+
 from . import contract
 
-MANIFEST_FORMAT = "sawint4-aot/1"
-#: Triton pointer type -> contract dtype name
-POINTER_DTYPES = {"*bf16": "bfloat16", "*fp16": "float16", "*fp32": "float32", "*u8": "uint8", "*i32": "int32"}
 _QUERY_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-class AotError(ValueError):
-    """The AOT artifacts do not fit the plugin node (or are malformed)."""
 
 
 @dataclass
@@ -87,20 +82,8 @@ def load_manifest(source, target: str | None = None) -> AotManifest:
     """A `sawint4 aot` output folder (or its manifest.json), or an AotManifest."""
     if isinstance(source, AotManifest):
         return source
-    path = Path(source)
-    folder = path.parent if path.is_file() else path
-    path = folder / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: write it with `sawint4 aot --out {folder}`")
-    raw = json.loads(path.read_text())
-    if raw.get("format") != MANIFEST_FORMAT:
-        raise AotError(f"{path}: not a {MANIFEST_FORMAT} manifest (format={raw.get('format')!r})")
-    kernels = list(raw.get("kernels", []))
-    for k in kernels:
-        for key in ("op", "target", "kernel_name", "cubin", "params", "grid", "block", "shared_bytes"):
-            if key not in k:
-                raise AotError(f"{path}: kernel entry without {key!r}: {sorted(k)}")
-    return AotManifest(folder, raw, target, kernels)
+    folder, raw = read_manifest(source)
+    return AotManifest(folder, raw, target, list(raw.get("kernels", [])))
 
 
 # ---- checks (plain Python) -----------------------------------------------------------------------
@@ -135,7 +118,7 @@ def check_node(manifest: AotManifest, op: contract.OpDef, attrs: Mapping[str, An
         raise AotError(f"{op.qualified_name}: kernel inputs {[p['name'] for p in params]} are not the plugin's "
                        f"{op.input_names}")
     for p, dt in zip(params, input_dtypes):
-        if POINTER_DTYPES.get(p["type"]) != dt:
+        if POINTER_TYPES.get(p["type"]) != dt:
             raise AotError(f"{op.qualified_name}: input {p['name']} is {dt} but the kernel takes {p['type']}")
     if entry.get("trailing_scratch_params", 0):
         raise AotError(f"{op.qualified_name}: the kernel still takes Triton's scratch pointers, which a TensorRT AOT "
@@ -146,8 +129,6 @@ def check_node(manifest: AotManifest, op: contract.OpDef, attrs: Mapping[str, An
 def translate(expr: str, shapes: Mapping[str, Any], trtp=None):
     """A manifest shape expression over plugin inputs -> an int (concrete shapes) or a trtp symbolic
     expression (`shapes` holding trtp ShapeExprs; `trtp` gives cdiv/min/max)."""
-    from trtllm_sawint4.build_scripts import symexpr
-
     def leaf(name, i):
         if name not in shapes:
             raise AotError(f"shape expression {expr!r} names {name!r}, not a plugin input")

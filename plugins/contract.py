@@ -20,8 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from trtllm_sawint4.layout import bytes_per_vector
-from trtllm_sawint4.spec import HEAD_DIMS, METADATA_DTYPES, TOKENS_PER_BLOCK
+from trtllm_sawint4.spec import HEAD_DIMS, METADATA_DTYPES, STORAGES, TOKENS_PER_BLOCK, StorageFormat
 
 NAMESPACE = "saw_int4"
 PLUGIN_VERSION = "1"
@@ -30,7 +29,6 @@ TRT_DOMAIN = NAMESPACE
 #: The only domain onnxruntime-extensions runs Python ops in.
 ORT_DOMAIN = "ai.onnx.contrib"
 
-STORAGES = ("bf16", "int8", "int4")
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 #: dtype names as `trtp.AutoTuneCombination` spells them.
 TRT_TYPE_NAMES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "int32": "INT32", "uint8": "UINT8"}
@@ -78,8 +76,8 @@ class OpDef:
 
 
 # Symbolic dims: N new tokens, NQ queries, B sequences, B1 = B + 1, MB max blocks per sequence,
-# NB blocks in the pool; H KV heads, HQ query heads, D head_dim, R region bytes (all attributes).
-_POOL = TensorArg("pool", "uint8", ("NB", 2, "H", "R"), "one layer's paged cache, spec.pool_shape(NB)")
+# NB blocks in the pool; H KV heads, HQ query heads, D head_dim, REGION region bytes (all attributes).
+_POOL = TensorArg("pool", "uint8", ("NB", 2, "H", "REGION"), "one layer's paged cache, spec.pool_shape(NB)")
 _K_MATRIX = TensorArg("k_matrix", "float32", ("H", "D", "D"), "k' = k_matrix[h] @ k + k_bias[h] (has_k_matrix)")
 _K_BIAS = TensorArg("k_bias", "float32", ("H", "D"), "added after k_matrix (has_k_bias)")
 _Q_MATRIX = TensorArg("q_matrix", "float32", ("H", "D", "D"), "q' = q_matrix[h // group] @ q (has_q_matrix)")
@@ -92,8 +90,8 @@ _FORMAT_ATTRS = (
     AttrArg("num_kv_heads", int, "H: KV heads of the layer"),
     AttrArg("head_dim", int, "D: channels per head"),
     AttrArg("tokens_per_block", int, "T: tokens per paged block"),
-    AttrArg("storage", str, "bf16 | int8 | int4 (saw_int4 stores as int4)"),
-    AttrArg("meta_dtype", str, "fp16 | fp32: per-vector (scale, min) precision"),
+    AttrArg("storage", str, f"{' | '.join(STORAGES)} (saw_int4 stores as int4)"),
+    AttrArg("meta_dtype", str, f"{' | '.join(METADATA_DTYPES)}: per-vector (scale, min) precision"),
 )
 _ATTENTION_ATTRS = (
     AttrArg("num_heads", int, "HQ: query heads (a multiple of num_kv_heads)"),
@@ -117,7 +115,7 @@ APPEND = OpDef(
         AttrArg("has_k_bias", int, "1: add k_bias, 0: ignore the input"),
         AttrArg("has_v_matrix", int, "1: apply v_matrix, 0: ignore the input"),
     ),
-    outputs=(TensorArg("pool_out", "uint8", ("NB", 2, "H", "R"), "the pool, updated in place (aliases input 3)"),),
+    outputs=(TensorArg("pool_out", "uint8", ("NB", 2, "H", "REGION"), "the pool, updated in place (aliases input 3)"),),
     aliases={0: 3},
 )
 
@@ -155,8 +153,8 @@ def op_def(name: str) -> OpDef:
 
 # ---- attributes -------------------------------------------------------------------------------
 def region_bytes(attrs: Mapping[str, Any]) -> int:
-    """R: bytes of one (block, K|V, head) region."""
-    return attrs["tokens_per_block"] * bytes_per_vector(attrs["head_dim"], attrs["storage"], attrs["meta_dtype"])
+    """REGION: bytes of one (block, K|V, head) region."""
+    return StorageFormat(attrs["storage"], attrs["meta_dtype"]).region_bytes(attrs["head_dim"], attrs["tokens_per_block"])
 
 
 def validate_attrs(op: str | OpDef, attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -240,7 +238,7 @@ def type_combination(op: str | OpDef, activation_dtypes: Sequence[str] = ACTIVAT
 
 # ---- shapes -----------------------------------------------------------------------------------
 def _dim_values(attrs: Mapping[str, Any]) -> dict[str, int]:
-    vals = {"D": attrs["head_dim"], "H": attrs["num_kv_heads"], "R": region_bytes(attrs)}
+    vals = {"D": attrs["head_dim"], "H": attrs["num_kv_heads"], "REGION": region_bytes(attrs)}
     if "num_heads" in attrs:
         vals["HQ"] = attrs["num_heads"]
     return vals
@@ -287,8 +285,9 @@ def output_shapes(op: str | OpDef, attrs: Mapping[str, Any], shapes: Sequence[Se
 def torch_call(op: str | OpDef, inputs: Sequence, attrs: Mapping[str, Any]):
     """Run the plugin's semantics with `torch.ops.sawint4.<op>` on torch tensors given in plugin
     input order. append mutates `pool` (input 3) and returns it; attention returns `out`."""
-    import torch  # noqa: F401  (the ops register on import)
-    from trtllm_sawint4.ops import library
+    import torch
+
+    import trtllm_sawint4.ops  # noqa: F401  (registers torch.ops.sawint4)
 
     op = op if isinstance(op, OpDef) else op_def(op)
     attrs = validate_attrs(op, attrs)
@@ -298,14 +297,15 @@ def torch_call(op: str | OpDef, inputs: Sequence, attrs: Mapping[str, Any]):
     use = lambda name: t[name] if attrs[f"has_{name}"] else None  # noqa: E731
     storage, meta = attrs["storage"], attrs["meta_dtype"]
     if op is APPEND:
-        library.append(t["pool"], t["key"], t["value"], t["slot_mapping"], use("k_matrix"), use("k_bias"),
-                       use("v_matrix"), storage, meta)
+        torch.ops.sawint4.append(t["pool"], t["key"], t["value"], t["slot_mapping"], use("k_matrix"), use("k_bias"),
+                                 use("v_matrix"), storage, meta)
         return t["pool"]
     if op is PREFILL:
-        return library.prefill(t["query"], t["pool"], t["block_table"], t["seq_lens"], t["query_start_loc"],
-                               use("q_matrix"), use("v_matrix"), attrs["scale"], storage, meta)
-    return library.decode(t["query"], t["pool"], t["block_table"], t["seq_lens"], use("q_matrix"),
-                          use("v_matrix"), attrs["scale"], storage, meta)
+        return torch.ops.sawint4.prefill(t["query"], t["pool"], t["block_table"], t["seq_lens"],
+                                         t["query_start_loc"], use("q_matrix"), use("v_matrix"), attrs["scale"],
+                                         storage, meta)
+    return torch.ops.sawint4.decode(t["query"], t["pool"], t["block_table"], t["seq_lens"], use("q_matrix"),
+                                    use("v_matrix"), attrs["scale"], storage, meta)
 
 
 # ---- ONNX node attributes ---------------------------------------------------------------------

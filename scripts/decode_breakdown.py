@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from trtllm_sawint4 import kernels
-from trtllm_sawint4.bench import decode_case
+from trtllm_sawint4.bench_cases import decode_case
+from trtllm_sawint4.kernels.decode import decode
 
 SHAPES = [(32, 8, 128, 1, 2048), (32, 8, 128, 1, 32768), (32, 8, 128, 8, 1024), (32, 8, 128, 8, 2048),
           (9, 3, 64, 1, 32768), (9, 3, 64, 8, 32768), (9, 3, 64, 64, 2048),
@@ -45,11 +45,11 @@ def main():
         tf, pool, table, sl, q, k, v = c.tf, c.pool, c.table, c.seq_lens, c.q, c.k, c.v
         runs = {
             "sdpa": lambda: F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=d ** -0.5, enable_gqa=True),
-            "int4": lambda: kernels.decode(q, pool, table, sl, None, None, d ** -0.5, "int4", "fp16"),
-            "saw_int4": lambda: kernels.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16",
-                                               tf.rotation_block),
-            "saw+vrot": lambda: kernels.decode(q, pool, table, sl, tf.q_matrix, tf.q_matrix[0], d ** -0.5, "int4",
-                                               "fp16", tf.rotation_block),
+            "int4": lambda: decode(q, pool, table, sl, None, None, d ** -0.5, "int4", "fp16"),
+            "saw_int4": lambda: decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16",
+                                       tf.hadamard_block),
+            "saw+vrot": lambda: decode(q, pool, table, sl, tf.q_matrix, tf.q_matrix[0], d ** -0.5, "int4",
+                                       "fp16", tf.hadamard_block),
         }
         print(f"== {hq}/{hkv} D{d} batch {b} ctx {ctx}")
         for name, fn in runs.items():

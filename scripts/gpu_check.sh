@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The GPU verification run (H200 through the device tool, or any CUDA machine).
-#   scripts/gpu_check.sh tests       the GPU test group (222 tests; ~9 min on the H200 in one process,
-#                                    so it runs in GPU_TEST_WORKERS (6) pytest-xdist workers when xdist is there:
-#                                    most of the time is Triton compiling, which is per process and CPU-bound)
-#   scripts/gpu_check.sh soak        the 10,000-step soak (~4.5 min; 5,000 steps per config)
+#   scripts/gpu_check.sh tests       the GPU test group: every tests/gpu file but the soak (how many tests:
+#                                    `pytest -m gpu --collect-only -q tests/gpu`), in GPU_TEST_WORKERS
+#                                    pytest-xdist workers when xdist is there (most of the time is Triton
+#                                    compiling, which is per process and CPU-bound)
+#   scripts/gpu_check.sh soak        the 10,000-step soak (5,000 steps per config)
 #   scripts/gpu_check.sh sanitizers  compute-sanitizer memcheck/initcheck (sanitizer subset), racecheck (its smem kernels);
 #                                    SANITIZER_TOOLS="memcheck" picks tools
 #   scripts/gpu_check.sh bench       sawint4 bench (full default grid)
 #   scripts/gpu_check.sh serving     the serving engine's GPU tests (tests/gpu/test_serving_gpu.py)
 #   scripts/gpu_check.sh bench-serving-long | bench-serving-short
 #                                    sawint4 bench-serving, Qwen3-8B shapes, one scenario per call (docs/serving.md)
+#   scripts/gpu_check.sh ab BEFORE   scripts/bench_ab.py: the kernels of the source tree BEFORE against this one
 # Logs go to $OUT (or ./gpu_out).
 set -uo pipefail
 out=${OUT:-gpu_out}
@@ -21,9 +23,8 @@ case "${1:-tests}" in
   tests)
     workers=()
     python3 -c "import xdist" 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-6}")
-    timeout 580 python3 -m pytest -m gpu -q -p no:cacheprovider "${workers[@]}" tests/gpu/test_kernels_gpu.py \
-      tests/gpu/test_aot_launcher_gpu.py tests/gpu/test_model_gpu.py tests/gpu/test_reliability_gpu.py \
-      tests/gpu/test_trtllm_gpu.py -rfE \
+    timeout 580 python3 -m pytest -m gpu -q -p no:cacheprovider "${workers[@]}" tests/gpu \
+      --ignore=tests/gpu/test_soak_gpu.py -rfE \
       2>&1 | tee "$out/gpu_tests.txt" | tail -40
     ;;
   soak)
@@ -56,5 +57,9 @@ case "${1:-tests}" in
   bench-serving-short)
     timeout 580 sawint4 bench-serving --scenarios short ${BENCH_SERVING_ARGS:-} --out "$out/serving_short" 2>&1 \
       | tee "$out/bench_serving_short.txt" | tail -40
+    ;;
+  ab)
+    timeout 580 python3 scripts/bench_ab.py --tree "${2:?give the BEFORE source tree}" --tree . \
+      --json "$out/bench_ab.json" 2>&1 | tee "$out/bench_ab.txt" | tail -60
     ;;
 esac

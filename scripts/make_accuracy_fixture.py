@@ -30,11 +30,11 @@ def record(preset: str, layers: list[int]) -> dict:
     from trtllm_sawint4.calibration import KeyQueryStats
     from trtllm_sawint4.eval import data
     from trtllm_sawint4.eval.collect import collect_stats
-    from trtllm_sawint4.integrations.transformers import _model_dims
+    from trtllm_sawint4.integrations.transformers import model_dims
 
     loaded = data.load_model(preset=preset)
     model, tok = loaded.model, loaded.tokenizer
-    num_layers, h, d = _model_dims(model.config)
+    num_layers, h, d = model_dims(model.config)
     split = data.split_text(tok, 4, 512, 2048, 512)
     stats = collect_stats(model, list(split.calib_ids), num_layers, h, d)
     seen = {}

@@ -1,6 +1,7 @@
 """Decode tile/split configs below the "many" regime (GPU): for each shape, SDPA's time and the
-time of saw_int4 decode under each candidate config, so that the regime rules of kernels/decode.py
-(tile_config, plan_splits) can be chosen from measurements.
+time of saw_int4 decode under each candidate tile (the Triton kernel, every quantized regime
+launching that tile), so that the regime rules of kernels/config.py and kernels/schedule.py can be
+chosen from measurements.
 
     python scripts/sweep_decode_small.py [--rep-ms 10] [--json out.json]
 
@@ -10,14 +11,17 @@ Prints per shape SDPA, the current choice and the best candidate (and every cand
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn.functional as F
 import triton.testing
 
-from trtllm_sawint4.bench import decode_case
+from trtllm_sawint4.bench_cases import decode_case
+from trtllm_sawint4.kernels import decode as decode_kernel
+from trtllm_sawint4.kernels.config import DEFAULT, DecodeTile
+from trtllm_sawint4.kernels.schedule import split_count
 
 SHAPES = [(32, 8, 128, b, c) for b in (1, 8, 32) for c in (1024, 2048, 8192, 32768)] + [
     (9, 3, 64, 1, 2048), (9, 3, 64, 1, 32768), (9, 3, 64, 8, 2048), (9, 3, 64, 8, 32768), (9, 3, 64, 32, 1024),
@@ -26,11 +30,10 @@ SHAPES = [(32, 8, 128, b, c) for b in (1, 8, 32) for c in (1024, 2048, 8192, 327
 
 
 def _cfg(block_n, warps, waves, min_tiles):
-    return {"block_n": block_n, "num_warps": warps, "num_stages": 3, "waves": waves, "min_tiles_per_split": min_tiles,
-            "q_chunk": 64 if warps >= 4 else 16}
+    return DecodeTile(block_n, warps, 3, waves=waves, min_tiles_per_split=min_tiles, q_chunk=64 if warps >= 4 else 16)
 
 
-#: Candidate configs, each applied to every shape (None: kernels.decode's own choice).
+#: Candidate tiles, each applied to every shape (None: the shipped config's own choice).
 CANDIDATES = {
     "current": None,
     "bn128w4 wv2 mt2": _cfg(128, 4, 2, 2), "bn64w4 wv2 mt1": _cfg(64, 4, 2, 1), "bn64w4 wv4 mt2": _cfg(64, 4, 4, 2),
@@ -45,8 +48,7 @@ def main():
     ap.add_argument("--rep-ms", type=float, default=10.0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
-    current = dmod.tile_config
+    shipped = DEFAULT.decode
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for hq, hkv, d, b, ctx in SHAPES:
@@ -57,22 +59,21 @@ def main():
             return triton.testing.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median") * 1e3
 
         sdpa = timed(lambda: F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=d ** -0.5, enable_gqa=True))
-        run = lambda: dmod.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16",  # noqa: E731
-                                  tf.rotation_block)
         times = {}
-        for name, cfg in CANDIDATES.items():
-            c = cfg or current(b, hkv, d, "int4", sms, ctx)
-            dmod.tile_config = lambda *a, c=c: c
+        for name, tile in CANDIDATES.items():
+            # a candidate: every quantized regime launches its tile on the Triton kernel
+            cfg = shipped if tile is None else replace(shipped.with_every_tile(tile),
+                                                       gluon=replace(shipped.gluon, enabled=False))
+            c = tile or shipped.tile(shipped.regime(b, hkv, d, "int4", sms, ctx))
             try:
-                times[name] = timed(run)
+                times[name] = timed(lambda: decode_kernel.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5,
+                                                                 "int4", "fp16", tf.hadamard_block, config=cfg))
             except Exception as e:  # noqa: BLE001 (a config that does not compile)
                 print(f"  {name}: failed {str(e)[:60]}")
                 continue
-            finally:
-                dmod.tile_config = current
-            splits, _ = dmod.plan_splits(b, hkv, ctx, c["block_n"], sms, c["waves"], c["min_tiles_per_split"])
-            rows.append({"shape": [hq, hkv, d, b, ctx], "name": name, **c, "splits": splits, "us": times[name],
-                         "sdpa_us": sdpa})
+            splits, _ = split_count(b, hkv, ctx, c.block_n, sms, c.waves, c.min_tiles_per_split)
+            rows.append({"shape": [hq, hkv, d, b, ctx], "name": name, **asdict(c), "splits": splits,
+                         "us": times[name], "sdpa_us": sdpa})
         best = min(times, key=times.get)
         print(f"{hq}/{hkv} D{d} b{b} ctx{ctx}: sdpa {sdpa:.1f} us | current {times['current']:.1f} "
               f"({sdpa / times['current']:.2f}x) | best {best} {times[best]:.1f} ({sdpa / times[best]:.2f}x) | "

@@ -2,8 +2,9 @@ import os
 
 import torch
 
-# On a machine without a GPU the Triton kernels run in Triton's interpreter. This must be decided
-# before anything imports triton (test modules are collected in any order).
+# The one place that switches Triton's interpreter on: on a machine without a GPU the Triton kernels
+# run in it. Triton reads TRITON_INTERPRET when a kernel is decorated (its own library functions
+# included), so this must happen before anything imports triton: conftest runs before any test module.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -25,13 +26,14 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def K():
-    """The kernel modules, run by Triton's interpreter; skips where they were compiled for a GPU."""
+def interp_kernels():
+    """The kernel modules by name ("append", "decode", "prefill", ...), run by Triton's interpreter on CPU
+    tensors; skips where they were compiled for a GPU (tests/gpu has `cuda_kernels`)."""
     import importlib
     import sys
 
     pytest.importorskip("triton")
-    names = ("_common", "_tiles", "append", "decode", "prefill")
+    names = ("_common", "_tiles", "_reduce", "decode_triton", "decode_gluon", "append", "decode", "prefill")
     mods = {name: importlib.import_module(f"trtllm_sawint4.kernels.{name}") for name in names}
     kernel = getattr(sys.modules["trtllm_sawint4.kernels.append"], "_append_kernel", None)
     if type(kernel).__name__ != "InterpretedFunction":

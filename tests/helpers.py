@@ -1,4 +1,5 @@
-"""Shared test helpers: build a cache with shuffled blocks and compute dense expectations."""
+"""Shared test helpers (CPU and GPU): the kernel-test cases (spec, transform, a filled pool, a shuffled
+block table), dense expectations, and the CLI runner."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from trtllm_sawint4 import KVCacheSpec, build_layer_transform
+from trtllm_sawint4.bench_cases import calibrated_transform
+from trtllm_sawint4.ops import reference as ref
 from trtllm_sawint4.quant import dequantize, quantize
 
 SPECS = {
@@ -16,6 +19,52 @@ SPECS = {
     "saw_int4_v_signs": dict(kv_format="saw_int4", rotation_block=16, rotate_v=True, sign_seed=1),
     "saw_int4_fp32meta": dict(kv_format="saw_int4", metadata_dtype="fp32"),
 }
+
+
+# ---- kernel-test cases (the interpreter tests on CPU and tests/gpu use the same) ------------------------
+def kernel_spec(fmt: str, d: int, h: int, t: int, meta: str = "fp16", rotate_v: bool = False) -> KVCacheSpec:
+    """A spec of kv_format `fmt`; rotate_v applies to saw_int4 only (ignored for the others)."""
+    return KVCacheSpec(d, h, t, kv_format=fmt, metadata_dtype=meta, rotate_v=rotate_v if fmt == "saw_int4" else False)
+
+
+def layer_transform(spec: KVCacheSpec, calibrated: bool = False, seed: int = 0, device="cpu"):
+    """The spec's layer transform, with random channel statistics when `calibrated`."""
+    return calibrated_transform(spec, device, seed) if calibrated else build_layer_transform(spec).to(device)
+
+
+def filled_pool(spec: KVCacheSpec, tf, num_blocks: int, seed: int = 0, device="cpu") -> torch.Tensor:
+    """A pool whose every slot holds an appended random token (written by the reference)."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.zeros(spec.pool_shape(num_blocks), dtype=torch.uint8, device=device)
+    n = num_blocks * spec.tokens_per_block
+    k = torch.randn(n, spec.num_kv_heads, spec.head_dim, generator=g) * 2 + 0.5
+    v = torch.randn(n, spec.num_kv_heads, spec.head_dim, generator=g)
+    ref.append(pool, k.to(device), v.to(device), torch.arange(n, device=device), tf.k_matrix, tf.k_bias, tf.v_matrix,
+               spec.storage, spec.metadata_dtype)
+    return pool
+
+
+def block_table(lens, t: int, num_blocks: int, seed: int = 0, device="cpu") -> torch.Tensor:
+    """Shuffled, non-contiguous block ids, two columns wider than needed; entries past each sequence's
+    blocks are out of range (2**30), so a kernel that read them would fault or be caught by the sanitizer."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // t) for n in lens]
+    assert sum(need) <= num_blocks
+    perm = torch.randperm(num_blocks, generator=g)
+    table = torch.full((len(lens), max(need + [1]) + 2), 2**30, dtype=torch.int32)
+    used = 0
+    for b, k in enumerate(need):
+        table[b, :k] = perm[used:used + k].int()
+        used += k
+    return table.to(device)
+
+
+def assert_close_relative(got, want, tol=2e-2):
+    """No nan, relative (Frobenius) error below tol, and elementwise close at GPU tolerances."""
+    assert not torch.isnan(got).any()
+    err = (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-6)
+    assert err < tol, f"relative error {err:.3e}"
+    torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=1e-1)
 
 
 def stored_kv(spec: KVCacheSpec, tf, k: torch.Tensor, v: torch.Tensor):
@@ -32,14 +81,17 @@ def stored_kv(spec: KVCacheSpec, tf, k: torch.Tensor, v: torch.Tensor):
     return tuple(dequantize(*quantize(x, spec.levels, spec.metadata_dtype)) for x in (k, v))
 
 
-def dense_attention(spec, tf, q, k, v, scale):
-    """Causal (bottom-right aligned) attention of q [Q, Hq, D] over the stored form of k, v [L, H, D]."""
+def dense_attention(spec, tf, q, k, v, scale, window=0):
+    """Causal (bottom-right aligned) attention of q [Q, Hq, D] over the stored form of k, v [L, H, D];
+    window > 0: each query sees only its last `window` positions (transformers' sliding window)."""
     ks, vs = stored_kv(spec, tf, k, v)
     h, group = k.shape[1], q.shape[1] // k.shape[1]
     qf = q.float()
     if tf.q_matrix is not None:
         qf = torch.einsum("hij,qhgj->qhgi", tf.q_matrix, qf.reshape(q.shape[0], h, group, -1)).reshape(q.shape)
     mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).tril(k.shape[0] - q.shape[0])
+    if window:
+        mask &= ~torch.ones_like(mask).tril(k.shape[0] - q.shape[0] - window)
     out = F.scaled_dot_product_attention(qf.transpose(0, 1)[None], ks.transpose(0, 1)[None],
                                          vs.transpose(0, 1)[None], attn_mask=mask, scale=scale,
                                          enable_gqa=True)[0].transpose(0, 1)

@@ -7,13 +7,13 @@ import pytest
 import triton
 import triton.language as tl
 
-from trtllm_sawint4.build_scripts.aot import AotKernel, AotParam, load_manifest, write_artifacts
+from trtllm_sawint4.aot_manifest import POINTER_TYPES as POINTER_DTYPES
+from trtllm_sawint4.aot_manifest import AotKernel, AotParam
+from trtllm_sawint4.build_scripts.aot import load_manifest, write_artifacts
 from trtllm_sawint4.kernels.aot import model_kernels
 from trtllm_sawint4.plugins import contract
 
 from helpers import run_sawint4
-
-POINTER_DTYPES = {"*bf16": "bfloat16", "*fp16": "float16", "*fp32": "float32", "*u8": "uint8", "*i32": "int32"}
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,31 @@ def test_bad_aot_descriptions_are_rejected():
         write_artifacts([k], ["sm_70"], "unused", {})
     with pytest.raises(ValueError, match="rotate_v"):
         model_kernels(64, 8, 2, 16, "saw_int4", True, False, "bf16", 0.125)
+
+
+def test_gluon_decode_path_compiles_ahead_of_time(tmp_path):
+    """The Gluon decode kernel and its split merge in the AOT form (kernels.aot.gluon_decode_kernels), as
+    scripts/cross_version_cubins.py ships them to a GPU machine with another Triton: real cubins whose
+    parameters are exactly the manifest's, the partials' shapes matching between the two launches."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from trtllm_sawint4.kernels.aot import gluon_decode_kernels; "
+            "from trtllm_sawint4.build_scripts.aot import write_artifacts; "
+            f"write_artifacts(gluon_decode_kernels(8, 2, 64, 'saw_int4', 'bf16', 128 ** -0.5), ['sm_90'], "
+            f"{str(tmp_path)!r}, {{}})")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = load_manifest(tmp_path)
+    decode, merge = manifest["kernels"]
+    assert (decode["op"], merge["op"]) == ("decode_gluon", "decode_gluon_merge")
+    assert decode["block"] == [32, 1, 1] and decode["grid"][2] == "4" and decode["shared_bytes"] > 0
+    for k in (decode, merge):
+        assert (tmp_path / k["cubin"]).read_bytes()[:4] == b"\x7fELF"
+        ptx = (tmp_path / k["ptx"]).read_text()
+        assert len(set(re.findall(rf"{k['kernel_name']}_param_(\d+)", ptx))) == len(k["params"])
+    outs = {p["name"]: p["shape"] for p in decode["params"] if p["kind"] == "output"}
+    ins = [p["name"] for p in merge["params"] if p["kind"] == "input"]
+    assert ins == list(outs) and outs["partial_out"][1:] == ["2", "4", "8", "128"]

@@ -1,6 +1,6 @@
 import pytest
 
-from trtllm_sawint4.build_scripts import symexpr
+from trtllm_sawint4 import symexpr
 
 
 def test_evaluate():

@@ -1,10 +1,11 @@
 """The tuning choices of `sawint4 bench` (pure helpers; the timings themselves need a GPU)."""
 
-import importlib
+import dataclasses
 
 import pytest
 
-from trtllm_sawint4 import bench
+from trtllm_sawint4 import bench, bench_cases
+from trtllm_sawint4.kernels.config import DEFAULT
 
 pytest.importorskip("triton")
 
@@ -17,45 +18,43 @@ def test_least_relative_weighs_every_shape_equally():
     assert bench._least_relative({None: [1.0, 2.0], 168: [1.0, 2.0]}) in (None, 168)
 
 
-def test_shapes_by_regime_follows_tile_config():
-    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
-    shapes = bench._shapes_by_regime(dmod, 132)
+def test_shapes_by_regime_follows_the_config():
+    dcfg = DEFAULT.decode
+    shapes = bench._shapes_by_regime(dcfg, 132)
     assert sorted(shapes["many"] + shapes["few"] + shapes["tiny"]) == sorted(bench.TUNE_SHAPES)
     for name, group in shapes.items():
         assert group, f"no tune shape in regime {name}"
         for hq, hkv, d, b, ctx in group:
-            assert dmod.tile_config(b, hkv, d, "int4", 132, ctx) is dmod.CONFIG[name]
+            assert dcfg.regime(b, hkv, d, "int4", 132, ctx) == name
     assert (32, 8, 128, 1, 2048) in shapes["tiny"] and (32, 8, 128, 1, 32768) in shapes["few"]
     assert (32, 8, 128, 64, 8192) in shapes["many"]
 
 
-def test_tune_decode_key_keeps_the_least_relative_value(monkeypatch):
-    """The tuning loop with fake timings: it times every value on every shape of its regime and
-    leaves the winner in kernels.decode.CONFIG."""
+def test_tune_decode_key_returns_the_least_relative_value_and_changes_nothing_shipped(monkeypatch):
+    """The tuning loop with fake timings: it times every value on every shape of its regime, returns a
+    config holding the winner, and leaves kernels.config.DEFAULT (what a later run uses) as it was."""
     import types
 
     import torch
 
-    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
-    saved = {k: dict(v) for k, v in dmod.CONFIG.items()}
+    before = repr(DEFAULT)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(multi_processor_count=132))
     calls = []
 
-    def fake(hq, hkv, d, b, ctx, t, rep_ms, rotated=True):
-        cap = dmod.tile_config(b, hkv, d, "int4", 132, ctx).get("maxnreg")  # the config this launch would use
-        calls.append((b, ctx, rotated, cap))
-        ms = {None: 1.0, 168: 1.1, 144: 0.9}[cap]  # the winner is not the current setting
+    def fake(hq, hkv, d, b, ctx, t, rep_ms, decode_config, rotated=True):
+        tile = decode_config.tile(decode_config.regime(b, hkv, d, "int4", 132, ctx))  # what this launch uses
+        calls.append((b, ctx, rotated, tile.maxnreg))
+        ms = {None: 1.0, 168: 1.1, 144: 0.9}[tile.maxnreg]  # the winner is not the current setting
         return ms, 1.0
 
     monkeypatch.setattr(bench, "_decode_int4_only", fake)
-    try:
-        rows = bench.tune_decode_regs(1.0, 64, 4.0)
-        assert all(dmod.CONFIG[name]["maxnreg"] == 144 for name in ("many", "few", "tiny"))
-        assert len(rows) == len(calls) == 3 * 2 * len(bench.TUNE_SHAPES)
-        assert {r["format"] for r in rows} == {"saw_int4", "int4"}
-    finally:
-        dmod.CONFIG.clear()
-        dmod.CONFIG.update(saved)
+    rows, tuned = bench.tune_decode_regs(1.0, 64, 4.0, DEFAULT)
+    assert all(tuned.decode.tile(name).maxnreg == 144 for name in ("many", "few", "tiny"))
+    assert repr(DEFAULT) == before and DEFAULT.decode.many.maxnreg == 168
+    assert len(rows) == len(calls) == 3 * 2 * len(bench.TUNE_SHAPES)
+    assert {r["format"] for r in rows} == {"saw_int4", "int4"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DEFAULT.decode.many.maxnreg = 1
 
 
 def test_decode_case_builds_a_consistent_shape():
@@ -65,7 +64,7 @@ def test_decode_case_builds_a_consistent_shape():
 
     from trtllm_sawint4.ops import reference as ref
 
-    c = bench.decode_case(9, 3, 64, 2, 128, t=64, device="cpu")
+    c = bench_cases.decode_case(9, 3, 64, 2, 128, t=64, device="cpu")
     assert sorted(c.table.flatten().tolist()) == list(range(4)) and c.seq_lens.tolist() == [128, 128]
     assert c.q.shape == (2, 9, 64) and c.k.shape == c.v.shape == (2, 3, 128, 64)
     out = ref.decode(c.q, c.pool, c.table, c.seq_lens, c.tf.q_matrix, None, 0.125, "int4", "fp16")

@@ -30,7 +30,7 @@ def stats():
 def test_methods_keep_scores_up_to_a_constant_per_query(stats, method):
     cal = ChannelCalibration.from_stats(stats, method)
     tf = build_layer_transform(KVCacheSpec(head_dim=D, num_kv_heads=H), **cal.layer_args(1))
-    assert tf.rotation_block == (0 if method == "qk-dense" else D)
+    assert tf.hadamard_block == (0 if method == "qk-dense" else D)
     k, q = torch.randn(9, H, D), torch.randn(5, H, D)
     k2 = torch.einsum("hij,nhj->nhi", tf.k_matrix, k) + tf.k_bias
     q2 = torch.einsum("hij,nhj->nhi", tf.q_matrix, q)

@@ -1,4 +1,4 @@
-"""The index algebra of the Gluon decode kernel (kernels/decode_mma.py), in plain PyTorch on the CPU.
+"""The index algebra of the Gluon decode kernel (kernels/decode_gluon.py), in plain PyTorch on the CPU.
 
 The kernel never moves data to match the tensor-core layouts: it relabels channels and tokens by
 reshaping and permuting bit dimensions, and undoes the labels where they become visible (q's channel
@@ -12,24 +12,24 @@ import torch
 
 pytest.importorskip("triton")
 from trtllm_sawint4.hadamard import sylvester_hadamard  # noqa: E402
-from trtllm_sawint4.kernels import decode_mma as dm  # noqa: E402
+from trtllm_sawint4.kernels import decode_gluon as dm  # noqa: E402
 
 BITS6 = [2] * 6
 
 
-def _k_logical(x):  # [token, byte] -> [token, k]   (decode_mma._k_logical)
+def _k_logical(x):  # [token, byte] -> [token, k]   (decode_gluon._k_logical)
     return x.reshape(64, *BITS6).permute(dm.K_BITS_PERM).reshape(64, 64)
 
 
-def _v_logical(x):  # [token, byte] -> [m, k]   (decode_mma._v_logical)
+def _v_logical(x):  # [token, byte] -> [m, k]   (decode_gluon._v_logical)
     return x.permute(1, 0).reshape(*BITS6, *BITS6).permute(dm.V_BITS_PERM).reshape(64, 64)
 
 
-def _p_logical(p):  # [token, head] -> [k, head]   (decode_mma._p_logical)
+def _p_logical(p):  # [token, head] -> [k, head]   (decode_gluon._p_logical)
     return p.reshape(*BITS6, 8).permute(dm.P_BITS_PERM).reshape(64, 8)
 
 
-def _q_operands(x):  # [head, 128] -> ([k, head], [k, head])   (decode_mma._q_operands)
+def _q_operands(x):  # [head, 128] -> ([k, head], [k, head])   (decode_gluon._q_operands)
     x = x.reshape(8, 2, *BITS6).permute(dm.Q_BITS_PERM).reshape(64, 8, 2)
     return x[..., 0], x[..., 1]
 
@@ -86,7 +86,7 @@ def test_the_relabelled_products_are_attention():
     torch.testing.assert_close(out, p.T @ v)
 
 
-def _butterfly(x, b):  # decode_mma._butterfly
+def _butterfly(x, b):  # decode_gluon._butterfly
     x = x.reshape(8, 128 >> (b + 1), 2, 1 << b).permute(0, 1, 3, 2)
     a, c = x[..., 0], x[..., 1]
     return torch.stack([a + c, a - c], -1).permute(0, 1, 3, 2).reshape(8, 128)

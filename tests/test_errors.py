@@ -49,9 +49,9 @@ APPEND_CASES = [
     (dict(meta_dtype="bf16"), "meta_dtype"),
     (dict(k_matrix=torch.randn(2, 64, 32)), "k_matrix"),
     (dict(k_matrix=TF.k_matrix.double()), "k_matrix"),
-    (dict(rotation_block=48), "rotation_block"),
-    (dict(rotation_block=128), "rotation_block"),
-    (dict(rotation_block=-2), "rotation_block"),
+    (dict(hadamard_block=48), "hadamard_block"),
+    (dict(hadamard_block=128), "hadamard_block"),
+    (dict(hadamard_block=-2), "hadamard_block"),
     (dict(k_matrix=TF.k_matrix, storage="bf16", pool=torch.zeros(KVCacheSpec(64, 2, 16, "bf16").pool_shape(4),
                                                                  dtype=torch.uint8)), "k_matrix"),
 ]
@@ -80,7 +80,8 @@ DECODE_CASES = [
     (dict(scale=float("nan")), "scale"),
     (dict(q_matrix=torch.randn(1, 64, 64)), "q_matrix"),
     (dict(v_matrix=torch.randn(64, 64, 1)), "v_matrix"),
-    (dict(rotation_block=3), "rotation_block"),
+    (dict(hadamard_block=3), "hadamard_block"),
+    (dict(window=-1), "window"),
 ]
 
 
@@ -125,3 +126,34 @@ def test_tensors_on_another_device_are_rejected():
         ops.decode(**_decode_args(query=torch.randn(2, 4, 64, device="meta")))
     with pytest.raises(ValueError, match="slot_mapping.*must be on cpu"):
         ops.append(**_append_args(slot_mapping=torch.tensor([0, 1, 17], device="meta")))
+
+
+def _planned(**over):
+    """A decode call's arguments with the schedule and workspace planned for it (as PagedKVCache does)."""
+    from trtllm_sawint4.kernels.config import DEFAULT
+    from trtllm_sawint4.kernels.schedule import decode_shape, plan_decode
+
+    args = _decode_args(**over)
+    shape = decode_shape(args["pool"], args["block_table"].shape, 4, 64, args["query"].dtype, "int4", "fp16",
+                         False, True)
+    sched = plan_decode(shape, DEFAULT.decode, 132, gluon_available=False)
+    return args, sched
+
+
+def test_a_schedule_planned_for_another_call_is_rejected():
+    args, sched = _planned()
+    ops.decode(**args, schedule=sched.to_list(), workspace=sched.workspace("cpu"))  # the right one runs
+    with pytest.raises(ValueError, match="schedule: was planned for"):
+        ops.decode(**dict(args, block_table=torch.tensor([[0, 1, 2], [3, 0, 0]], dtype=torch.int32)),
+                   schedule=sched.to_list(), workspace=sched.workspace("cpu"))
+    with pytest.raises(ValueError, match="schedule: was planned for"):
+        ops.decode(**dict(args, query=args["query"].half()), schedule=sched.to_list(), workspace=sched.workspace("cpu"))
+    with pytest.raises(ValueError, match="schedule"):
+        ops.decode(**args, schedule=[7, 1, 2], workspace=sched.workspace("cpu"))
+    if sched.workspace_elems:
+        with pytest.raises(ValueError, match="workspace"):
+            ops.decode(**args, schedule=sched.to_list(), workspace=torch.empty(1))
+        with pytest.raises(ValueError, match="workspace"):
+            ops.decode(**args, schedule=sched.to_list())
+    with pytest.raises(ValueError, match="workspace"):
+        ops.decode(**args, workspace=torch.empty(8))

@@ -80,6 +80,12 @@ def test_eval_end_to_end_json_and_chart(tiny, capsys):
     assert "metadata_check" in res and "self-calibrated" in res["calibration"]
     assert set(res["generation"]) == {"prompt", "bf16", "saw_int4"}
     assert out_png.stat().st_size > 1000
+    import transformers
+
+    # the stack the numbers came from (docs/eval_reproducibility.md)
+    assert res["versions"]["torch"] == torch.__version__ and res["versions"]["transformers"] == transformers.__version__
+    assert res["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"transformers {transformers.__version__}" in text.split("\n\n")[0]
     for needle in ("KIVI-style", "saw_int4 r=32 +calib qk-dense", "fp16 vs fp32 metadata", "spread over sign seeds",
                    "greedy generation"):
         assert needle in text

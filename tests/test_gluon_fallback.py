@@ -1,14 +1,15 @@
-"""The Gluon decode kernel (kernels/decode_mma.py) where this Triton's Gluon cannot build it: it is switched
+"""The Gluon decode kernel (kernels/decode_gluon.py) where this Triton's Gluon cannot build it: it is switched
 off with one log line and the Triton decode kernel serves the same call; decode never fails because of it.
 
-On a CPU the Gluon kernel never runs (decode.mma_applies needs a GPU), so these tests put decode on the
-Gluon path by hand and simulate the two ways a Triton release can break it: a renamed API (detected at
+On a CPU the Gluon kernel is never planned (schedule.gluon_applies needs a GPU), so these tests hand decode
+a Gluon schedule (planned as for a GPU) and simulate the two ways a Triton release can break it: a renamed API (detected at
 import) and a kernel that no longer compiles (detected at the first launch)."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,14 +19,16 @@ pytest.importorskip("triton.experimental.gluon")
 from triton.compiler.errors import CompilationError  # noqa: E402
 
 from trtllm_sawint4 import KVCacheSpec, build_layer_transform  # noqa: E402
+from trtllm_sawint4.kernels.config import DEFAULT  # noqa: E402
+from trtllm_sawint4.kernels.schedule import plan_decode  # noqa: E402
 from trtllm_sawint4.ops import reference as ref  # noqa: E402
 
-LOGGER = "trtllm_sawint4.kernels.decode_mma"
+LOGGER = "trtllm_sawint4.kernels.decode_gluon"
 
 
 @pytest.fixture
 def mma(monkeypatch):
-    """decode_mma with its switch-off state restored after the test."""
+    """decode_gluon with its switch-off state restored after the test."""
     mod = sys.modules.get(LOGGER) or __import__(LOGGER, fromlist=["_"])
     monkeypatch.setattr(mod, "_UNAVAILABLE", mod._UNAVAILABLE)
     monkeypatch.setattr(mod, "_SWITCHED_OFF", mod._SWITCHED_OFF)
@@ -59,16 +62,16 @@ def _int4_case():
     table = torch.tensor([[1, 0]], dtype=torch.int32)
     lens = torch.tensor([100], dtype=torch.int32)
     return (q, pool, table, lens, tf.q_matrix, None, 128 ** -0.5, spec.storage, spec.metadata_dtype,
-            spec.rotation_block)
+            tf.hadamard_block)
 
 
 def _switch_off_lines(caplog):
     return [r for r in caplog.records if r.name == LOGGER and "switched off" in r.getMessage()]
 
 
-def test_decode_serves_through_triton_when_the_gluon_kernel_does_not_compile(K, mma, monkeypatch, caplog,
+def test_decode_serves_through_triton_when_the_gluon_kernel_does_not_compile(interp_kernels, mma, monkeypatch, caplog,
                                                                               one_torch_thread):
-    dmod = K["decode"]
+    dmod = interp_kernels["decode"]
     monkeypatch.setattr(mma, "_UNAVAILABLE", None)
     monkeypatch.setattr(mma, "_SWITCHED_OFF", False)
     launches = []
@@ -81,13 +84,18 @@ def test_decode_serves_through_triton_when_the_gluon_kernel_does_not_compile(K, 
             return launch
 
     monkeypatch.setattr(mma, "_decode_mma_kernel", NotCompiling(), raising=False)
-    # as on a GPU, where the call is in the Gluon kernel's scope (on a CPU mma_applies says no)
-    monkeypatch.setattr(dmod, "mma_applies", lambda *args: mma.available())
     args = _int4_case()
-    want = ref.decode(*args[:-1], rotation_block=args[-1])
+    q, pool, table, _, qm, vm, _, storage, meta, hb = args
+    # the schedule a GPU would get for this call (on a CPU the plan says Triton)
+    shape = dmod.decode_shape(pool, table.shape, q.shape[1], q.shape[2], q.dtype, storage, meta, vm is not None,
+                              qm is not None and hb == 0)
+    not_tiny = replace(DEFAULT.decode, tiny_token_heads=0)  # (this small call would be "tiny": no Gluon there)
+    gluon = plan_decode(shape, not_tiny, 132, gluon_available=True, interpreter=False)
+    assert gluon.backend == "gluon"
+    want = ref.decode(*args)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        first = dmod.decode(*args[:-1], rotation_block=args[-1])
-        second = dmod.decode(*args[:-1], rotation_block=args[-1])
+        first = dmod.decode(*args, schedule=gluon)
+        second = dmod.decode(*args, schedule=gluon)
     torch.testing.assert_close(first.float(), want.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(second.float(), first.float(), atol=0, rtol=0)
     assert len(launches) == 1  # tried once; afterwards the Triton kernel serves directly

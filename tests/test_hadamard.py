@@ -64,13 +64,13 @@ def test_unrotated_uncalibrated_transform_is_identity():
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_layer_transforms_are_in_block_hadamard_form(head_dim, block, calibrated):
     """Every matrix build_layer_transform makes equals its block-Hadamard reading bit for bit, so the
-    kernels' diagonal-only path (rotation_block > 0) computes exactly the transform the spec defines."""
+    kernels' diagonal-only path (hadamard_block > 0) computes exactly the transform the spec defines."""
     h = 2
     spec = KVCacheSpec(head_dim, h, kv_format="saw_int4", rotation_block=block, rotate_v=True, sign_seed=5)
     mean = torch.randn(h, head_dim) if calibrated else None
     scale = torch.rand(h, head_dim) + 0.5 if calibrated else None
     tf = build_layer_transform(spec, mean, scale)
-    assert tf.rotation_block == block
+    assert tf.hadamard_block == block
     for m in (tf.k_matrix, tf.q_matrix, tf.v_matrix):
         assert torch.equal(block_hadamard_form(m, block), m)
 
@@ -78,9 +78,9 @@ def test_layer_transforms_are_in_block_hadamard_form(head_dim, block, calibrated
 def test_calibrated_unrotated_transform_is_diagonal_form():
     h, d = 2, 64
     tf = build_layer_transform(KVCacheSpec(d, h, kv_format="int4"), torch.randn(h, d), torch.rand(h, d) + 0.5)
-    assert tf.rotation_block == 1
+    assert tf.hadamard_block == 1
     assert torch.equal(block_hadamard_form(tf.q_matrix, 1), tf.q_matrix)
-    assert build_layer_transform(KVCacheSpec(d, h, kv_format="int4")).rotation_block == 0
+    assert build_layer_transform(KVCacheSpec(d, h, kv_format="int4")).hadamard_block == 0
 
 
 def test_block_hadamard_form_reads_only_the_first_row_of_each_block():
@@ -94,5 +94,5 @@ def test_block_hadamard_form_reads_only_the_first_row_of_each_block():
     signs = torch.tensor(scipy.linalg.hadamard(block), dtype=torch.float32)
     torch.testing.assert_close(want[1, :block, :block], signs * m[1, 0, :block][None, :])
     assert torch.count_nonzero(want[:, :block, block:]) == 0  # off-diagonal blocks
-    with pytest.raises(ValueError, match="rotation_block"):
+    with pytest.raises(ValueError, match="hadamard_block"):
         block_hadamard_form(m, 3)

@@ -1,102 +1,25 @@
-"""The Triton kernels under TRITON_INTERPRET=1 (CPU) against the reference ops, at small shapes."""
+"""The Triton kernels under TRITON_INTERPRET=1 (CPU; tests/conftest.py switches it on) against the
+reference ops, at small shapes. The `interp_kernels` fixture (conftest.py) gives the kernel modules."""
 
 from __future__ import annotations
-
-import importlib
-import os
-import sys
 
 import pytest
 import torch
 
-# triton reads TRITON_INTERPRET when a kernel is decorated, its own library functions (tl.max, ...)
-# included, so the interpreter must be on before triton is first imported, and switching it on here
-# would leak into the other test modules of the session. So: when pytest was started with
-# TRITON_INTERPRET=1 the tests run in this process; otherwise test_in_subprocess runs this module in
-# a fresh python with TRITON_INTERPRET=1 and the other tests are skipped in this process.
-triton = pytest.importorskip("triton")
-_USABLE = (os.environ.get("TRITON_INTERPRET") == "1"
-           and type(sys.modules["triton.language.standard"].max).__name__ == "InterpretedFunction")
+pytest.importorskip("triton")
 
+from dataclasses import replace  # noqa: E402
+
+from trtllm_sawint4.kernels.config import DEFAULT, SplitMerge  # noqa: E402
+from trtllm_sawint4.kernels.schedule import split_count  # noqa: E402
+from trtllm_sawint4.layout import pool_views  # noqa: E402
 from trtllm_sawint4.ops import reference as ref  # noqa: E402
 from trtllm_sawint4.quant import unpack_int4  # noqa: E402
 from trtllm_sawint4.spec import KVCacheSpec  # noqa: E402
-from trtllm_sawint4.layout import pool_views  # noqa: E402
-from trtllm_sawint4.transforms import build_layer_transform  # noqa: E402
 
+from helpers import block_table, filled_pool, kernel_spec, layer_transform  # noqa: E402
 
-def test_in_subprocess():
-    """Runs this module in a fresh interpreter when triton was imported here before the interpreter
-    was switched on (see the top of the module)."""
-    if _USABLE:
-        pytest.skip("the interpreter runs in this process")
-    import subprocess
-
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-
-
-def _interpreted() -> bool:
-    mod = sys.modules.get("trtllm_sawint4.kernels.append")
-    return mod is not None and type(mod._append_kernel).__name__ == "InterpretedFunction"
-
-
-@pytest.fixture(scope="module")
-def K():
-    """The kernel modules, (re)imported with the interpreter on (triton reads it when decorating)."""
-    if not _USABLE:
-        pytest.skip("runs under TRITON_INTERPRET=1: see test_in_subprocess")
-    names = ("_common", "_tiles", "append", "decode", "prefill")
-    stale = any(f"trtllm_sawint4.kernels.{n}" in sys.modules for n in names) and not _interpreted()
-    mods = {}
-    for name in names:
-        full = f"trtllm_sawint4.kernels.{name}"
-        mods[name] = importlib.reload(sys.modules[full]) if stale else importlib.import_module(full)
-    return mods
-
-
-FORMAT = {"int4": "int4", "saw_int4": "int4", "int8": "int8", "bf16": "bf16"}
-
-
-def _spec(fmt, d, h, t, meta="fp16", rotate_v=False):
-    return KVCacheSpec(d, h, t, kv_format=fmt, metadata_dtype=meta, rotate_v=rotate_v if fmt == "saw_int4" else False)
-
-
-def _transform(spec, calibrated=False, seed=0):
-    if not calibrated:
-        return build_layer_transform(spec)
-    g = torch.Generator().manual_seed(seed)
-    mean = torch.randn(spec.num_kv_heads, spec.head_dim, generator=g)
-    scale = torch.rand(spec.num_kv_heads, spec.head_dim, generator=g) + 0.5
-    return build_layer_transform(spec, mean, scale)
-
-
-def _filled_pool(spec, tf, nb, seed=0):
-    """A pool whose every slot holds an appended random token (reference writer)."""
-    g = torch.Generator().manual_seed(seed)
-    pool = torch.zeros(spec.pool_shape(nb), dtype=torch.uint8)
-    n = nb * spec.tokens_per_block
-    k = torch.randn(n, spec.num_kv_heads, spec.head_dim, generator=g) * 2 + 0.5
-    v = torch.randn(n, spec.num_kv_heads, spec.head_dim, generator=g)
-    ref.append(pool, k, v, torch.arange(n), tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage, spec.metadata_dtype)
-    return pool
-
-
-def _block_table(lens, t, nb, seed=0):
-    """Shuffled, non-contiguous block ids; max_blocks a bit larger than needed (unused entries garbage)."""
-    g = torch.Generator().manual_seed(seed)
-    mb = max(1, max(-(-l // t) for l in lens)) + 1
-    perm = torch.randperm(nb, generator=g)
-    assert sum(-(-l // t) for l in lens) <= nb
-    table = torch.full((len(lens), mb), 10**6, dtype=torch.int32)  # out-of-range ids must never be read
-    used = 0
-    for b, l in enumerate(lens):
-        k = -(-l // t)
-        table[b, :k] = perm[used:used + k].int()
-        used += k
-    return table
+pytestmark = pytest.mark.usefixtures("interp_kernels")
 
 
 # ---------------------------------------------------------------------------------------------- append
@@ -108,9 +31,9 @@ def _block_table(lens, t, nb, seed=0):
     ("bf16", "fp16", 64, 16, torch.float16),
     ("bf16", "fp16", 256, 8, torch.bfloat16),
 ])
-def test_append_no_transform_bit_identical(K, fmt, meta, d, t, dtype):
+def test_append_no_transform_bit_identical(interp_kernels, fmt, meta, d, t, dtype):
     torch.manual_seed(1)
-    spec = _spec(fmt, d, 2, t, meta)
+    spec = kernel_spec(fmt, d, 2, t, meta)
     nb, n = 6, 37
     key = (torch.randn(n, 2, d) * 3).to(dtype)
     val = torch.randn(n, 2, d).to(dtype)
@@ -120,12 +43,12 @@ def test_append_no_transform_bit_identical(K, fmt, meta, d, t, dtype):
     p_ref = torch.randint(0, 256, spec.pool_shape(nb), dtype=torch.uint8)
     p_ker = p_ref.clone()
     ref.append(p_ref, key, val, slots, None, None, None, spec.storage, meta)
-    K["append"].append(p_ker, key, val, slots, None, None, None, spec.storage, meta)
+    interp_kernels["append"].append(p_ker, key, val, slots, None, None, None, spec.storage, meta)
     assert torch.equal(p_ref, p_ker)
 
 
-def test_append_nonfinite(K):
-    spec = _spec("int4", 64, 2, 16)
+def test_append_nonfinite(interp_kernels):
+    spec = kernel_spec("int4", 64, 2, 16)
     key = torch.randn(5, 2, 64)
     val = torch.randn(5, 2, 64)
     key[1, 0, 3] = float("nan")
@@ -133,17 +56,17 @@ def test_append_nonfinite(K):
     val[4, 1, 9] = float("-inf")
     slots = torch.tensor([3, 0, 17, 30, 9])
     for storage in ("int4", "int8"):
-        sp = _spec(storage, 64, 2, 16)
+        sp = kernel_spec(storage, 64, 2, 16)
         p_ref = torch.zeros(sp.pool_shape(2), dtype=torch.uint8)
         p_ker = p_ref.clone()
         ref.append(p_ref, key, val, slots, None, None, None, storage, "fp16")
-        K["append"].append(p_ker, key, val, slots, None, None, None, storage, "fp16")
+        interp_kernels["append"].append(p_ker, key, val, slots, None, None, None, storage, "fp16")
         assert torch.equal(p_ref, p_ker)
     # bf16 storage: equal as values (NaN payloads may differ)
-    p_ref = torch.zeros(_spec("bf16", 64, 2, 16).pool_shape(2), dtype=torch.uint8)
+    p_ref = torch.zeros(kernel_spec("bf16", 64, 2, 16).pool_shape(2), dtype=torch.uint8)
     p_ker = p_ref.clone()
     ref.append(p_ref, key, val, slots, None, None, None, "bf16", "fp16")
-    K["append"].append(p_ker, key, val, slots, None, None, None, "bf16", "fp16")
+    interp_kernels["append"].append(p_ker, key, val, slots, None, None, None, "bf16", "fp16")
     torch.testing.assert_close(p_ref.view(torch.bfloat16), p_ker.view(torch.bfloat16), rtol=0, atol=0, equal_nan=True)
     del spec
 
@@ -153,18 +76,18 @@ def test_append_nonfinite(K):
     (128, 32, True, False, "fp16"),
     (64, 8, True, True, "fp32"),
 ])
-def test_append_transform(K, d, t, calibrated, rotate_v, meta):
+def test_append_transform(interp_kernels, d, t, calibrated, rotate_v, meta):
     torch.manual_seed(2)
     h, nb, n = 2, 5, 33
-    spec = _spec("saw_int4", d, h, t, meta, rotate_v)
-    tf = _transform(spec, calibrated)
+    spec = kernel_spec("saw_int4", d, h, t, meta, rotate_v)
+    tf = layer_transform(spec, calibrated)
     key = (torch.randn(n, h, d) * 2).bfloat16()
     val = torch.randn(n, h, d).bfloat16()
     slots = torch.randperm(nb * t)[:n]
     p_ref = torch.zeros(spec.pool_shape(nb), dtype=torch.uint8)
     p_ker = p_ref.clone()
     ref.append(p_ref, key, val, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, "int4", meta)
-    K["append"].append(p_ker, key, val, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, "int4", meta)
+    interp_kernels["append"].append(p_ker, key, val, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, "int4", meta)
     vr, vk = pool_views(p_ref, d, "int4", meta), pool_views(p_ker, d, "int4", meta)
     cr, ck = unpack_int4(vr.codes).int(), unpack_int4(vk.codes).int()
     assert (cr - ck).abs().max() <= 1
@@ -185,18 +108,18 @@ DECODE_CASES = [
 
 
 @pytest.mark.parametrize("fmt,meta,d,h,group,t,lens,dtype,splits", DECODE_CASES)
-def test_decode(K, fmt, meta, d, h, group, t, lens, dtype, splits):
+def test_decode(interp_kernels, fmt, meta, d, h, group, t, lens, dtype, splits):
     torch.manual_seed(3)
-    spec = _spec(fmt, d, h, t, meta, rotate_v=True)
-    tf = _transform(spec, calibrated=fmt != "bf16" and d == 64)
+    spec = kernel_spec(fmt, d, h, t, meta, rotate_v=True)
+    tf = layer_transform(spec, calibrated=fmt != "bf16" and d == 64)
     nb = sum(-(-l // t) for l in lens) + 2
-    pool = _filled_pool(spec, tf, nb)
-    table = _block_table(lens, t, nb)
+    pool = filled_pool(spec, tf, nb)
+    table = block_table(lens, t, nb)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn(len(lens), h * group, d).to(dtype)
     scale = d ** -0.5
     want = ref.decode(q, pool, table, seq_lens, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta)
-    got = K["decode"].decode(q, pool, table, seq_lens, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta,
+    got = interp_kernels["decode"].decode(q, pool, table, seq_lens, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta,
                              num_splits=splits)
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
@@ -207,51 +130,53 @@ def test_decode(K, fmt, meta, d, h, group, t, lens, dtype, splits):
 
 @pytest.mark.parametrize("fmt,meta,t", [("saw_int4", "fp16", 16), ("int4", "fp32", 8), ("int8", "fp16", 32),
                                          ("bf16", "fp16", 16)])
-def test_decode_one_tile_splits(K, monkeypatch, fmt, meta, t):
+def test_decode_one_tile_splits(interp_kernels, fmt, meta, t):
     """Splits of one tile (ONE_TILE: the tile is loaded before the q transform) give the reference's
     result and the same bits as the loop over that one tile."""
     torch.manual_seed(6)
     d, h, group, lens = 64, 2, 4, [0, 45, 16, 70]
-    spec = _spec(fmt, d, h, t, meta, rotate_v=True)
-    tf = _transform(spec)
+    spec = kernel_spec(fmt, d, h, t, meta, rotate_v=True)
+    tf = layer_transform(spec)
     nb = sum(-(-l // t) for l in lens) + 2
-    pool = _filled_pool(spec, tf, nb)
-    table = _block_table(lens, t, nb)
+    pool = filled_pool(spec, tf, nb)
+    table = block_table(lens, t, nb)
     sl = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn(len(lens), h * group, d).to(torch.bfloat16)
-    args = (q, pool, table, sl, tf.q_matrix, tf.v_matrix, d ** -0.5, spec.storage, meta, tf.rotation_block)
-    splits = table.shape[1] * t // 16  # one 16-token interpreter tile per split
-    got = K["decode"].decode(*args, num_splits=splits)
+    args = (q, pool, table, sl, tf.q_matrix, tf.v_matrix, d ** -0.5, spec.storage, meta, tf.hadamard_block)
+    splits = -(-table.shape[1] * t // 16)  # one 16-token interpreter tile per split
+    got = interp_kernels["decode"].decode(*args, num_splits=splits)
     want = ref.decode(*args)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
-    monkeypatch.setattr(K["decode"], "ONE_TILE_EARLY_LOADS", False)
-    assert torch.equal(K["decode"].decode(*args, num_splits=splits), got)
+    assert interp_kernels["decode"].schedule_for(q, pool, table, tf.q_matrix, tf.v_matrix, spec.storage, meta, tf.hadamard_block,
+                                    num_splits=splits).one_tile
+    looped = replace(DEFAULT.decode, one_tile_early_loads=False)
+    assert torch.equal(interp_kernels["decode"].decode(*args, num_splits=splits, config=looped), got)
 
 
 @pytest.mark.parametrize("rotate_v", [False, True])
 @pytest.mark.parametrize("tile_elems", [None, 64])
-def test_decode_reduce_paths(K, monkeypatch, rotate_v, tile_elems):
+def test_decode_reduce_paths(interp_kernels, rotate_v, tile_elems):
     """The split merge: one load of all splits, and (tile_elems 64 -> 2 splits per load) the
     two-pass loop that long contexts at batch 1 take; with and without the V rotation."""
-    if tile_elems is not None:
-        monkeypatch.setattr(K["decode"], "REDUCE_TILE_ELEMS", tile_elems)
+    cfg = DEFAULT.decode if tile_elems is None else replace(DEFAULT.decode, merge=SplitMerge(tile_elems=tile_elems))
     torch.manual_seed(5)
     d, h, group, t, lens = 32, 2, 3, 8, [0, 61, 9, 40]
-    spec = _spec("saw_int4", d, h, t, "fp16", rotate_v=rotate_v)
-    tf = _transform(spec, calibrated=False)
+    spec = kernel_spec("saw_int4", d, h, t, "fp16", rotate_v=rotate_v)
+    tf = layer_transform(spec, calibrated=False)
     nb = sum(-(-l // t) for l in lens) + 1
-    pool = _filled_pool(spec, tf, nb)
-    table = _block_table(lens, t, nb)
+    pool = filled_pool(spec, tf, nb)
+    table = block_table(lens, t, nb)
     sl = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn(len(lens), h * group, d).to(torch.bfloat16)
     want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, d ** -0.5, "int4", "fp16")
-    got = K["decode"].decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, d ** -0.5, "int4", "fp16", num_splits=5)
+    got = interp_kernels["decode"].decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, d ** -0.5, "int4", "fp16", num_splits=5,
+                             config=cfg)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     assert torch.count_nonzero(got[0]) == 0
 
 
-def test_plan_splits_host_only(K):
-    plan = K["decode"].plan_splits
+def test_plan_splits_host_only():
+    plan = split_count
     s, tps = plan(64, 8, 8192, 64, 132, 2, 2)
     assert s * tps >= 8192 // 64 and (s - 1) * tps < 8192 // 64
     assert plan(1, 8, 64, 64, 132, 2, 2) == (1, 1)
@@ -271,42 +196,42 @@ PREFILL_CASES = [
 
 
 @pytest.mark.parametrize("fmt,meta,d,h,group,t,lens,q_lens,dtype", PREFILL_CASES)
-def test_prefill(K, fmt, meta, d, h, group, t, lens, q_lens, dtype):
+def test_prefill(interp_kernels, fmt, meta, d, h, group, t, lens, q_lens, dtype):
     torch.manual_seed(4)
-    spec = _spec(fmt, d, h, t, meta, rotate_v=True)
-    tf = _transform(spec, calibrated=fmt == "saw_int4")
+    spec = kernel_spec(fmt, d, h, t, meta, rotate_v=True)
+    tf = layer_transform(spec, calibrated=fmt == "saw_int4")
     nb = sum(-(-l // t) for l in lens) + 1
-    pool = _filled_pool(spec, tf, nb)
-    table = _block_table(lens, t, nb)
+    pool = filled_pool(spec, tf, nb)
+    table = block_table(lens, t, nb)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     q = torch.randn(int(qsl[-1]), h * group, d).to(dtype)
     scale = d ** -0.5
     want = ref.prefill(q, pool, table, seq_lens, qsl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta)
-    got = K["prefill"].prefill(q, pool, table, seq_lens, qsl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta)
+    got = interp_kernels["prefill"].prefill(q, pool, table, seq_lens, qsl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_append_then_attend_roundtrip(K):
+def test_append_then_attend_roundtrip(interp_kernels):
     """Kernel append feeding kernel decode equals the reference end to end."""
     torch.manual_seed(5)
-    spec = _spec("saw_int4", 64, 2, 16, rotate_v=True)
-    tf = _transform(spec)
+    spec = kernel_spec("saw_int4", 64, 2, 16, rotate_v=True)
+    tf = layer_transform(spec)
     lens = [23, 40]
     nb = 6
-    table = _block_table(lens, 16, nb, seed=7)
+    table = block_table(lens, 16, nb, seed=7)
     slots = torch.cat([table[b, torch.arange(l) // 16].long() * 16 + torch.arange(l) % 16 for b, l in enumerate(lens)])
     n = slots.numel()
     key, val = torch.randn(n, 2, 64).bfloat16(), torch.randn(n, 2, 64).bfloat16()
     p_ref = torch.zeros(spec.pool_shape(nb), dtype=torch.uint8)
     p_ker = p_ref.clone()
     ref.append(p_ref, key, val, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, "int4", "fp16")
-    K["append"].append(p_ker, key, val, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, "int4", "fp16")
+    interp_kernels["append"].append(p_ker, key, val, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, "int4", "fp16")
     q = torch.randn(2, 4, 64).bfloat16()
     sl = torch.tensor(lens, dtype=torch.int32)
     want = ref.decode(q, p_ref, table, sl, tf.q_matrix, tf.v_matrix, 0.125, "int4", "fp16")
-    got = K["decode"].decode(q, p_ker, table, sl, tf.q_matrix, tf.v_matrix, 0.125, "int4", "fp16")
+    got = interp_kernels["decode"].decode(q, p_ker, table, sl, tf.q_matrix, tf.v_matrix, 0.125, "int4", "fp16")
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
@@ -318,8 +243,8 @@ def test_append_then_attend_roundtrip(K):
     (32, 32, True),
     (64, 1, True),     # calibrated, unrotated: diagonal matrices (int4 storage, no V transform)
 ])
-def test_block_hadamard_path(K, d, block, calibrated):
-    """rotation_block > 0: the kernels make the +-1 Sylvester blocks from indices and read only the
+def test_block_hadamard_path(interp_kernels, d, block, calibrated):
+    """hadamard_block > 0: the kernels make the +-1 Sylvester blocks from indices and read only the
     diagonal factor of each matrix (append; prefill; decode's V merge), against the reference."""
     torch.manual_seed(8)
     h, t, nb, n = 2, 16, 7, 45
@@ -327,31 +252,31 @@ def test_block_hadamard_path(K, d, block, calibrated):
         spec = KVCacheSpec(d, h, t, kv_format="int4")
     else:
         spec = KVCacheSpec(d, h, t, kv_format="saw_int4", rotation_block=block, rotate_v=True, sign_seed=2)
-    tf = _transform(spec, calibrated)
-    assert tf.rotation_block == block
+    tf = layer_transform(spec, calibrated)
+    assert tf.hadamard_block == block
     km, qm, vm = tf.k_matrix, tf.q_matrix, tf.v_matrix
-    r = tf.rotation_block
+    r = tf.hadamard_block
     key, val = (torch.randn(n, h, d) * 2).bfloat16(), torch.randn(n, h, d).bfloat16()
     slots = torch.randperm(nb * t)[:n]
     p_ref = torch.zeros(spec.pool_shape(nb), dtype=torch.uint8)
     p_ker = p_ref.clone()
     ref.append(p_ref, key, val, slots, km, tf.k_bias, vm, "int4", "fp16", r)
-    K["append"].append(p_ker, key, val, slots, km, tf.k_bias, vm, "int4", "fp16", r)
+    interp_kernels["append"].append(p_ker, key, val, slots, km, tf.k_bias, vm, "int4", "fp16", r)
     vr, vk = pool_views(p_ref, d, "int4", "fp16"), pool_views(p_ker, d, "int4", "fp16")
     cr, ck = unpack_int4(vr.codes).int(), unpack_int4(vk.codes).int()
     assert (cr - ck).abs().max() <= 1 and (cr != ck).float().mean() < 0.01
     torch.testing.assert_close(vr.scale.float(), vk.scale.float(), rtol=2e-3, atol=0)
     lens = [37, 60]
-    table = _block_table(lens, t, nb)
+    table = block_table(lens, t, nb)
     sl = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn(2, h * 3, d).bfloat16()
     want = ref.decode(q, p_ref, table, sl, qm, vm, d ** -0.5, "int4", "fp16", r)
-    got = K["decode"].decode(q, p_ref, table, sl, qm, vm, d ** -0.5, "int4", "fp16", r, num_splits=3)
+    got = interp_kernels["decode"].decode(q, p_ref, table, sl, qm, vm, d ** -0.5, "int4", "fp16", r, num_splits=3)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     qsl = torch.tensor([0, 10, 30], dtype=torch.int32)
     qp = torch.randn(30, h * 3, d).bfloat16()
     want = ref.prefill(qp, p_ref, table, sl, qsl, qm, vm, d ** -0.5, "int4", "fp16", r)
-    got = K["prefill"].prefill(qp, p_ref, table, sl, qsl, qm, vm, d ** -0.5, "int4", "fp16", r)
+    got = interp_kernels["prefill"].prefill(qp, p_ref, table, sl, qsl, qm, vm, d ** -0.5, "int4", "fp16", r)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
@@ -359,50 +284,78 @@ def test_block_hadamard_path(K, d, block, calibrated):
     ("saw_int4", "fp16", 64, 16, [1, 70, 33]),
     ("int4", "fp32", 32, 8, [50, 9]),
 ])
-def test_int4_code_offset_path_fp16(K, fmt, meta, d, t, lens):
+def test_int4_code_offset_path_fp16(interp_kernels, fmt, meta, d, t, lens):
     """The GPU path feeds INT4 codes to the dot as fp16 1024 + c (bf16: 128 + c) and cancels the
     offset exactly; run that algebra with fp16 operands under the interpreter."""
-    import triton.language as tl
-
     torch.manual_seed(6)
     h, group = 2, 3
-    spec = _spec(fmt, d, h, t, meta, rotate_v=True)
-    tf = _transform(spec, calibrated=fmt == "saw_int4")
+    spec = kernel_spec(fmt, d, h, t, meta, rotate_v=True)
+    tf = layer_transform(spec, calibrated=fmt == "saw_int4")
     nb = sum(-(-l // t) for l in lens) + 1
-    pool = _filled_pool(spec, tf, nb)
-    table = _block_table(lens, t, nb)
+    pool = filled_pool(spec, tf, nb)
+    table = block_table(lens, t, nb)
     sl = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn(len(lens), h * group, d).half()
     scale = d ** -0.5
-    K["decode"].INTERP_DOT_DTYPE = tl.float16
-    try:
-        want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, scale, "int4", meta)
-        got = K["decode"].decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, scale, "int4", meta, num_splits=2)
-        err = (got.float() - want.float()).norm() / want.float().norm()
-        assert err < 1e-2, f"decode relative error {err:.2e}"
-        q_lens = [min(l, 20) for l in lens]
-        qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        qp = torch.randn(int(qsl[-1]), h * group, d).half()
-        want = ref.prefill(qp, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale, "int4", meta)
-        got = K["prefill"].prefill(qp, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale, "int4", meta)
-        err = (got.float() - want.float()).norm() / want.float().norm()
-        assert err < 1e-2, f"prefill relative error {err:.2e}"
-    finally:
-        K["decode"].INTERP_DOT_DTYPE = None
+    dcfg = replace(DEFAULT.decode, interp_dot_dtype="fp16")
+    pcfg = replace(DEFAULT.prefill, interp_dot_dtype="fp16")
+    want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, scale, "int4", meta)
+    got = interp_kernels["decode"].decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, scale, "int4", meta, num_splits=2,
+                             config=dcfg)
+    assert interp_kernels["decode"].schedule_for(q, pool, table, tf.q_matrix, tf.v_matrix, "int4", meta, config=dcfg,
+                                    num_splits=2).dot_dtype == "fp16"
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert err < 1e-2, f"decode relative error {err:.2e}"
+    q_lens = [min(l, 20) for l in lens]
+    qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    qp = torch.randn(int(qsl[-1]), h * group, d).half()
+    want = ref.prefill(qp, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale, "int4", meta)
+    got = interp_kernels["prefill"].prefill(qp, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale, "int4", meta, config=pcfg)
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert err < 1e-2, f"prefill relative error {err:.2e}"
 
 
 def test_split_plan_of_the_tuned_regimes():
-    """The split counts the H200 measurements were taken with (docs/kernels.md, sessions 2 and 4):
+    """The split counts the H200 measurements were taken with (docs/kernels.md):
     the "many" regime splits long contexts in 2-3 and leaves <= 2k tokens whole; "few" aims at 4
     waves (3 splits at 32 x 8k, 2 at 9/3 x 128); "tiny" splits down to single 64-token tiles."""
-    from trtllm_sawint4.kernels.decode import CONFIG, plan_splits
-
     def splits(regime, batch, heads, ctx):
-        c = CONFIG[regime]
-        return plan_splits(batch, heads, ctx, c["block_n"], 132, c["waves"], c["min_tiles_per_split"])[0]
+        c = DEFAULT.decode.tile(regime)
+        return split_count(batch, heads, ctx, c.block_n, 132, c.waves, c.min_tiles_per_split)[0]
 
     assert [splits("many", 64, 8, n) for n in (1024, 2048, 8192, 32768)] == [1, 1, 3, 3]
     assert splits("many", 128, 8, 8192) == 2
     assert splits("few", 8, 8, 32768) == 9 and splits("few", 1, 8, 32768) == 64
     assert splits("few", 32, 8, 8192) == 3 and splits("few", 128, 3, 32768) == 2
     assert splits("tiny", 1, 8, 1024) == 16 and splits("tiny", 8, 8, 1024) == 4
+
+
+@pytest.mark.parametrize("fmt,t", [("saw_int4", 16), ("int8", 8), ("bf16", 16)])
+@pytest.mark.parametrize("window", [1, 7, 16, 33])
+def test_sliding_window_decode_and_prefill(interp_kernels, fmt, t, window):
+    """window > 0 in the Triton kernels: decode's splits cover the window's tiles only (one-tile splits
+    and the loop), prefill runs the window's key tiles through the masked path; both against the
+    reference, and the window changes the result."""
+    torch.manual_seed(9)
+    d, h, group, lens = 64, 2, 2, [0, 45, 16, 70, 3]
+    spec = kernel_spec(fmt, d, h, t, rotate_v=True)
+    tf = layer_transform(spec)
+    nb = sum(-(-l // t) for l in lens) + 2
+    pool = filled_pool(spec, tf, nb)
+    table = block_table(lens, t, nb)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(len(lens), h * group, d).to(torch.bfloat16)
+    args = (q, pool, table, sl, tf.q_matrix, tf.v_matrix, d ** -0.5, spec.storage, "fp16", tf.hadamard_block)
+    want = ref.decode(*args, window)
+    for splits in (None, 1, 10**4):
+        got = interp_kernels["decode"].decode(*args, window, num_splits=splits)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(want.float(), ref.decode(*args).float(), atol=1e-3)
+    assert interp_kernels["decode"].schedule_for(q, pool, table, tf.q_matrix, tf.v_matrix, spec.storage, "fp16",
+                                    tf.hadamard_block, window).shape.window == window
+    q_lens = [0, 20, 16, 5, 3]
+    qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    qp = torch.randn(int(qsl[-1]), h * group, d).to(torch.bfloat16)
+    pargs = (qp, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, d ** -0.5, spec.storage, "fp16", tf.hadamard_block)
+    got = interp_kernels["prefill"].prefill(*pargs, window)
+    torch.testing.assert_close(got.float(), ref.prefill(*pargs, window).float(), rtol=2e-2, atol=2e-2)

@@ -132,7 +132,7 @@ def test_shape_rules():
     assert contract.output_shapes("append", a, _append_shapes()) == [(7, 2, 2, 320)]
     assert contract.output_shapes("append", a, [[None, 2, 32]] * 2 + [[None], [None, 2, 2, 320],
                                                                         (2, 32, 32), (2, 32), (32, 32)])
-    with pytest.raises(contract.ContractError, match=r"pool dim 3 \(R\) must be 320"):
+    with pytest.raises(contract.ContractError, match=r"pool dim 3 \(REGION\) must be 320"):
         contract.check_shapes("append", a, _append_shapes(r=256))
     with pytest.raises(contract.ContractError, match=r"key dim 1 \(H\) must be 2"):
         contract.check_shapes("append", a, _append_shapes(h=3))

@@ -133,11 +133,11 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(compiled(*args), ops.decode(*args) * 2)
 
 
-def test_rotation_block_declares_the_block_hadamard_form():
-    """rotation_block > 0 leaves the result of a layer transform unchanged, and a matrix that is not
+def test_hadamard_block_declares_the_block_hadamard_form():
+    """hadamard_block > 0 leaves the result of a layer transform unchanged, and a matrix that is not
     in the declared form is rejected (naming it) before anything is written."""
     spec, tf, pool, table, ks, vs = _setup("saw_int4_v_signs", 64, 2, 2, [30, 12], calibrated=True)
-    r = tf.rotation_block
+    r = tf.hadamard_block
     q = torch.randn(2, 4, 64)
     lens = torch.tensor([30, 12], dtype=torch.int32)
     dense = ops.decode(q, pool, table, lens, tf.q_matrix, tf.v_matrix, 0.2, "int4", "fp16")
@@ -160,3 +160,29 @@ def test_rotation_block_declares_the_block_hadamard_form():
                    tf.v_matrix, "int4", "fp16", r)
     assert torch.equal(p1, p2)
     torch.library.opcheck(ops.decode.default, (q, pool, table, lens, tf.q_matrix, tf.v_matrix, 0.2, "int4", "fp16", r))
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 40])
+def test_sliding_window_matches_dense(window):
+    """window > 0: a query at position p sees p - window < j <= p (transformers' kv_idx > q_idx - window),
+    in decode and in chunked prefill; a window covering the whole context is full attention."""
+    lengths = [37, 1, 20]
+    spec, tf, pool, table, ks, vs = _setup("saw_int4_v_signs", 64, 2, 2, lengths)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    q = torch.randn(3, 4, 64)
+    out = ops.decode(q, pool, table, seq_lens, tf.q_matrix, tf.v_matrix, 0.125, "int4", "fp16", 0, window)
+    full = ops.decode(q, pool, table, seq_lens, tf.q_matrix, tf.v_matrix, 0.125, "int4", "fp16")
+    for b in range(3):
+        want = dense_attention(spec, tf, q[b:b + 1], ks[b], vs[b], 0.125, window)
+        torch.testing.assert_close(out[b:b + 1], want, atol=2e-5, rtol=2e-5)
+    assert (window >= 37) == torch.allclose(out[0], full[0])  # the window changes what the long sequence sees
+    q_lens = [10, 1, 20]
+    starts = torch.tensor([0, 10, 11, 31], dtype=torch.int32)
+    qp = torch.randn(31, 4, 64)
+    outp = ops.prefill(qp, pool, table, seq_lens, starts, tf.q_matrix, tf.v_matrix, 0.125, "int4", "fp16", 0, window)
+    for b, n in enumerate(q_lens):
+        lo = int(starts[b])
+        want = dense_attention(spec, tf, qp[lo:lo + n], ks[b], vs[b], 0.125, window)
+        torch.testing.assert_close(outp[lo:lo + n], want, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="window"):
+        ops.decode(q, pool, table, seq_lens, tf.q_matrix, tf.v_matrix, 0.125, "int4", "fp16", 0, -1)

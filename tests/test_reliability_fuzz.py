@@ -8,16 +8,9 @@ input, including non-contiguous index tensors.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
-
-# The Triton kernels run here under the interpreter: triton decides that when triton.language is first
-# imported (by anything, torch included) and when each kernel is decorated, so it must be set before
-# collection goes on. Only on machines without CUDA: a GPU session compiles the real kernels.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -401,21 +394,21 @@ def test_prefill_with_no_sequences_but_queries_is_rejected():
 
 
 # ---- the kernels (TRITON_INTERPRET=1) on fuzzed input ------------------------------------------------
-# the fixture `K` (the kernel modules under the interpreter) lives in conftest.py
+# the fixture `interp_kernels` (the kernel modules under the interpreter) lives in conftest.py
 
 
-def _through_kernel(K, op, *args):
+def _through_kernel(interp_kernels, op, *args):
     """What the public op does on CUDA, run on CPU tensors: the checks, then the kernel."""
     if op == "append":
         t = checks.check_append(*args)
         checks.check_append_indices(args[0], args[3], t)
-        return K["append"].append(*args)
+        return interp_kernels["append"].append(*args)
     query, pool, table, lens = args[:4]
     qsl = args[4] if op == "prefill" else None
     rest = args[5:] if op == "prefill" else args[4:]
     t = checks.check_attention(query, pool, table, lens, qsl, *rest)
     checks.check_attention_indices(pool, table, lens, qsl, query.shape[0], t)
-    return getattr(K[op], op)(*args)
+    return getattr(interp_kernels[op], op)(*args)
 
 
 KERNEL_FUZZ = settings(FUZZ, max_examples=6)
@@ -436,7 +429,7 @@ def kernel_scenarios(draw):
 
 @KERNEL_FUZZ
 @given(sc=kernel_scenarios())
-def test_kernels_match_reference_on_fuzzed_batches(K, sc):
+def test_kernels_match_reference_on_fuzzed_batches(interp_kernels, sc):
     spec, tf, g, table, pool, k, v = _build(sc)
     t = sc["t"]
     slots = slots_for(table, sc["lengths"], t)
@@ -444,7 +437,7 @@ def test_kernels_match_reference_on_fuzzed_batches(K, sc):
     tfargs = (tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage, spec.metadata_dtype)
     key, val = _noncontig(k, sc["kv_layout"]), _noncontig(v, sc["kv_layout"])
     ref.append(pool, key, val, slots.to(sc["slot_dtype"]), *tfargs)
-    _through_kernel(K, "append", p_ker, key, val, slots.to(sc["slot_dtype"]), *tfargs)
+    _through_kernel(interp_kernels, "append", p_ker, key, val, slots.to(sc["slot_dtype"]), *tfargs)
     if tf.k_matrix is None:  # no transform: bit-identical (bf16/fp16 input converts exactly to bf16)
         assert torch.equal(pool, p_ker)
     else:
@@ -456,8 +449,8 @@ def test_kernels_match_reference_on_fuzzed_batches(K, sc):
     qd = _noncontig(torch.randn(len(sc["lengths"]), hq, 32, generator=g).to(sc["q_dtype"]), sc["q_layout"])
     snap = pool.clone()
     attn = (tf.q_matrix, tf.v_matrix, 0.125, spec.storage, spec.metadata_dtype)
-    got = _through_kernel(K, "prefill", q, pool, table, lens, starts, *attn)
-    got_d = _through_kernel(K, "decode", qd, pool, table, lens, *attn)
+    got = _through_kernel(interp_kernels, "prefill", q, pool, table, lens, starts, *attn)
+    got_d = _through_kernel(interp_kernels, "decode", qd, pool, table, lens, *attn)
     assert torch.equal(pool, snap)
     tol = dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got.float(), ref.prefill(q, pool, table, lens, starts, *attn).float(), **tol)
@@ -475,7 +468,7 @@ def _noncontig_index_case():
     return spec, pool, table, lens, g
 
 
-def test_kernel_append_strided_slot_mapping_matches_reference_or_is_rejected(K):
+def test_kernel_append_strided_slot_mapping_matches_reference_or_is_rejected(interp_kernels):
     spec = KVCacheSpec(32, 1, 8, kv_format="int4")
     g = torch.Generator().manual_seed(4)
     k, v = torch.randn(5, 1, 32, generator=g), torch.randn(5, 1, 32, generator=g)
@@ -483,7 +476,7 @@ def test_kernel_append_strided_slot_mapping_matches_reference_or_is_rejected(K):
     p_ref, p_ker = (torch.zeros(spec.pool_shape(2), dtype=torch.uint8) for _ in range(2))
     ref.append(p_ref, k, v, slots, None, None, None, "int4", "fp16")
     try:
-        _through_kernel(K, "append", p_ker, k, v, slots, None, None, None, "int4", "fp16")
+        _through_kernel(interp_kernels, "append", p_ker, k, v, slots, None, None, None, "int4", "fp16")
     except ValueError:
         assert not bool(p_ker.any())  # rejected before writing: acceptable
         return
@@ -491,13 +484,13 @@ def test_kernel_append_strided_slot_mapping_matches_reference_or_is_rejected(K):
 
 
 @pytest.mark.parametrize("op", ["decode", "prefill"])
-def test_kernel_attention_strided_index_tensors_match_reference_or_are_rejected(K, op):
+def test_kernel_attention_strided_index_tensors_match_reference_or_are_rejected(interp_kernels, op):
     spec, pool, table, lens, g = _noncontig_index_case()
     q = torch.randn(2, 1, 32, generator=g)
     args = (q, pool, table, lens) + ((torch.tensor([0, 1, 2], dtype=torch.int32)[::1],) if op == "prefill" else ())
     args += (None, None, 0.2, "int4", "fp16")
     try:
-        got = _through_kernel(K, op, *args)
+        got = _through_kernel(interp_kernels, op, *args)
     except ValueError:
         return
     want = getattr(ref, op)(*args)

@@ -9,16 +9,9 @@ metadata -> nan on dequant -> nan attention for the queries that attend it (and 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
-
-# The Triton kernels run here under the interpreter: triton decides that when triton.language is first
-# imported (by anything, torch included) and when each kernel is decorated, so it must be set before
-# collection goes on. Only on machines without CUDA: a GPU session compiles the real kernels.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import trtllm_sawint4.ops  # noqa: F401  (registers torch.ops.sawint4)
 from trtllm_sawint4 import KVCacheSpec, build_layer_transform
@@ -271,7 +264,7 @@ def test_determinism_reference_same_inputs_same_bits(fmt):
 
 
 # ---- the Triton kernels under the interpreter ------------------------------------------------------
-# the fixture `K` (the kernel modules under the interpreter) lives in conftest.py
+# the fixture `interp_kernels` (the kernel modules under the interpreter) lives in conftest.py
 
 
 def _meta_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -280,7 +273,7 @@ def _meta_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(an, bn) and torch.equal(_bits(a[~an]), _bits(b[~bn]))
 
 
-def _append_both(K, spec, tf, k, v, slots):
+def _append_both(interp_kernels, spec, tf, k, v, slots):
     """The kernel and the reference append into two copies of one garbage-filled pool."""
     g = torch.Generator().manual_seed(5)
     nb = int(slots.max()) // T + 2
@@ -288,7 +281,7 @@ def _append_both(K, spec, tf, k, v, slots):
     p_ker = p_ref.clone()
     args = (tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage, spec.metadata_dtype)
     ref.append(p_ref, k, v, slots, *args)
-    K["append"].append(p_ker, k, v, slots, *args)
+    interp_kernels["append"].append(p_ker, k, v, slots, *args)
     return p_ref, p_ker
 
 
@@ -303,18 +296,18 @@ def _all_rows_kv():
 
 
 @pytest.mark.parametrize("fmt, meta", [("int4", "fp16"), ("int4", "fp32"), ("int8", "fp16"), ("int8", "fp32")])
-def test_kernel_append_edge_values_bit_identical(K, fmt, meta):
+def test_kernel_append_edge_values_bit_identical(interp_kernels, fmt, meta):
     spec = KVCacheSpec(D, H, T, kv_format=fmt, metadata_dtype=meta)
     tf = build_layer_transform(spec)
     k, v, slots = _all_rows_kv()
-    p_ref, p_ker = _append_both(K, spec, tf, k, v, slots)
+    p_ref, p_ker = _append_both(interp_kernels, spec, tf, k, v, slots)
     vr, vk = (pool_views(p, D, spec.storage, meta) for p in (p_ref, p_ker))
     assert torch.equal(vr.codes, vk.codes)
     assert _meta_equal(vr.scale, vk.scale) and _meta_equal(vr.vmin, vk.vmin)
 
 
 @pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_kernel_append_edge_values_bf16_storage(K, in_dtype):
+def test_kernel_append_edge_values_bf16_storage(interp_kernels, in_dtype):
     """bf16 storage is a plain conversion: bit-identical for bf16/fp16 input. For fp32 input the
     interpreter (not the GPU) converts to bf16 by truncation; there the kernel may sit one bf16 ulp
     toward zero from torch's round-to-nearest-even (tests/gpu checks exact bits on the device)."""
@@ -322,7 +315,7 @@ def test_kernel_append_edge_values_bf16_storage(K, in_dtype):
     tf = build_layer_transform(spec)
     k, v, slots = _all_rows_kv()
     k, v = k.to(in_dtype), v.to(in_dtype)
-    p_ref, p_ker = _append_both(K, spec, tf, k, v, slots)
+    p_ref, p_ker = _append_both(interp_kernels, spec, tf, k, v, slots)
     a, b = p_ref.view(torch.bfloat16), p_ker.view(torch.bfloat16)
     assert torch.equal(torch.isnan(a), torch.isnan(b))
     assert torch.equal(torch.isinf(a), torch.isinf(b)) or in_dtype == torch.float32
@@ -336,11 +329,11 @@ def test_kernel_append_edge_values_bf16_storage(K, in_dtype):
 
 
 @pytest.mark.parametrize("fmt", ["saw_int4", "saw_int4_v_signs", "saw_int4_fp32meta"])
-def test_kernel_append_nonfinite_placement_with_transforms(K, fmt):
+def test_kernel_append_nonfinite_placement_with_transforms(interp_kernels, fmt):
     spec = _spec(fmt)
     tf = build_layer_transform(spec)
     k, v, slots = _all_rows_kv()
-    p_ref, p_ker = _append_both(K, spec, tf, k, v, slots)
+    p_ref, p_ker = _append_both(interp_kernels, spec, tf, k, v, slots)
     vr, vk = (pool_views(p, D, spec.storage, spec.metadata_dtype) for p in (p_ref, p_ker))
     for a, b in ((vr.scale, vk.scale), (vr.vmin, vk.vmin)):
         assert torch.equal(torch.isnan(a), torch.isnan(b))
@@ -360,7 +353,7 @@ def test_kernel_append_nonfinite_placement_with_transforms(K, fmt):
 
 @pytest.mark.parametrize("fmt, where", [(f, w) for f in ["int8", "saw_int4_v_signs", "saw_int4_fp32meta", "bf16"]
                                         for w in ["k", "v"]])
-def test_kernel_decode_nonfinite_placement(K, fmt, where):
+def test_kernel_decode_nonfinite_placement(interp_kernels, fmt, where):
     spec = _spec(fmt)
     tf = build_layer_transform(spec)
     names, k, v = _adversarial_batch(where)
@@ -372,14 +365,14 @@ def test_kernel_decode_nonfinite_placement(K, fmt, where):
     args = (pool, torch.arange(n, dtype=torch.int32)[:, None], torch.ones(n, dtype=torch.int32), tf.q_matrix,
             tf.v_matrix, SCALE, spec.storage, spec.metadata_dtype)
     want = ref.decode(q, *args)
-    got = K["decode"].decode(q, *args)
+    got = interp_kernels["decode"].decode(q, *args)
     assert torch.equal(torch.isnan(got), torch.isnan(want))
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     fin = torch.isfinite(want)
     torch.testing.assert_close(got[fin], want[fin], rtol=1e-4, atol=1e-3 * max(1.0, float(want[fin].abs().max())))
 
 
-def _kernel_nan_prefill(K, fmt, where):
+def _kernel_nan_prefill(interp_kernels, fmt, where):
     spec = _spec(fmt)
     tf = build_layer_transform(spec)
     g = torch.Generator().manual_seed(11)
@@ -393,13 +386,13 @@ def _kernel_nan_prefill(K, fmt, where):
     q = torch.randn(2 * n, HQ, D, generator=g)
     args = (pool, table, torch.tensor([n, n], dtype=torch.int32), torch.tensor([0, n, 2 * n], dtype=torch.int32),
             tf.q_matrix, tf.v_matrix, SCALE, spec.storage, spec.metadata_dtype)
-    return K["prefill"].prefill(q, *args), ref.prefill(q, *args), n
+    return interp_kernels["prefill"].prefill(q, *args), ref.prefill(q, *args), n
 
 
 @pytest.mark.parametrize("fmt, where", [(f, w) for f in ["int4", "saw_int4_v_signs", "bf16"] for w in ["k", "v"]])
-def test_kernel_prefill_nonfinite_placement(K, fmt, where):
+def test_kernel_prefill_nonfinite_placement(interp_kernels, fmt, where):
     """nan where the spec says (queries at or after the bad token, its KV head), nowhere else."""
-    got, want, n = _kernel_nan_prefill(K, fmt, where)
+    got, want, n = _kernel_nan_prefill(interp_kernels, fmt, where)
     assert bool(torch.isnan(got[5:n, :G]).all())
     assert bool(torch.isfinite(got[:, G:]).all()) and bool(torch.isfinite(got[n:]).all())
     assert bool(torch.isfinite(got[:5]).all())  # causally earlier queries (same tile) stay clean
@@ -408,20 +401,20 @@ def test_kernel_prefill_nonfinite_placement(K, fmt, where):
 
 
 @pytest.mark.parametrize("fmt", ["int4", "saw_int4_v_signs"])
-def test_kernel_prefill_nonfinite_value_leaves_earlier_queries_finite(K, fmt):
-    got, _, n = _kernel_nan_prefill(K, fmt, "v")
+def test_kernel_prefill_nonfinite_value_leaves_earlier_queries_finite(interp_kernels, fmt):
+    got, _, n = _kernel_nan_prefill(interp_kernels, fmt, "v")
     assert bool(torch.isfinite(got[:5]).all())
 
 
-def test_kernel_determinism_interpreter(K):
+def test_kernel_determinism_interpreter(interp_kernels):
     spec = _spec("saw_int4_v_signs")
     tf = build_layer_transform(spec)
     k, v, slots = _all_rows_kv()
-    pools = [_append_both(K, spec, tf, k, v, slots)[1] for _ in range(2)]
+    pools = [_append_both(interp_kernels, spec, tf, k, v, slots)[1] for _ in range(2)]
     assert torch.equal(pools[0], pools[1])
     q = torch.randn(2, HQ, D)
     table = torch.tensor([[0, 1], [2, 0]], dtype=torch.int32)
     lens = torch.tensor([13, 5], dtype=torch.int32)
-    outs = [K["decode"].decode(q, pools[0], table, lens, tf.q_matrix, tf.v_matrix, SCALE, "int4", "fp16")
+    outs = [interp_kernels["decode"].decode(q, pools[0], table, lens, tf.q_matrix, tf.v_matrix, SCALE, "int4", "fp16")
             for _ in range(2)]
     assert torch.equal(_bits(outs[0]), _bits(outs[1]))

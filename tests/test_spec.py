@@ -55,3 +55,32 @@ def test_rotation_block_defaults_and_validation():
 def test_bad_spec_names_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         KVCacheSpec(**kwargs)
+
+
+def test_storage_format_is_the_one_source_of_the_format_facts():
+    """Every storage the spec knows has distinct kernel codes and levels 2^bits - 1; a spec's layout is
+    its StorageFormat's, and pool_views finds the scales and mins at those offsets."""
+    import torch
+
+    from trtllm_sawint4.layout import pool_views
+    from trtllm_sawint4.spec import METADATA_DTYPES, STORAGES, StorageFormat
+
+    assert len({StorageFormat(s).kernel_code for s in STORAGES}) == len(STORAGES)
+    for s in STORAGES:
+        fmt = StorageFormat(s)
+        assert fmt.levels == (1 << fmt.bits) - 1 and fmt.quantized == (s != "bf16")
+    for kv in FORMATS:
+        assert StorageFormat.of_kv_format(kv).storage in STORAGES
+    spec = KVCacheSpec(64, 2, 16, "int4", metadata_dtype="fp32")
+    assert spec.format == StorageFormat("int4", "fp32") and spec.format.meta32
+    pool = torch.zeros(spec.pool_shape(3), dtype=torch.uint8)
+    views = pool_views(pool, 64, "int4", "fp32")
+    views.scale[1, 0, 1, 2] = 1.5
+    flat = pool[1, 0, 1]
+    assert flat[spec.scale_offset + 2 * 4:spec.scale_offset + 3 * 4].view(torch.float32).item() == 1.5
+    with pytest.raises(ValueError, match="storage"):
+        StorageFormat("int2")
+    with pytest.raises(ValueError, match="meta_dtype"):
+        StorageFormat("int4", METADATA_DTYPES[0] + "x")
+    with pytest.raises(ValueError, match="region"):
+        StorageFormat("int4").tokens_per_block(64, 1000)

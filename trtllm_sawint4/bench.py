@@ -12,6 +12,10 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict, replace
+
+from .bench_cases import bf16_pool, calibrated_transform, quant_pool
+from .spec import TOKENS_PER_BLOCK
 
 L2_BYTES = 60 * 2**20
 
@@ -36,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated parts: decode, append, prefill, and tune, tunesplit, tunereg, tuneappend, "
                              "tuneprefill "
                              "(re-tune the kernel configs for this run first); bandwidth is always measured")
-    parser.add_argument("--tokens-per-block", type=int, default=64)
+    parser.add_argument("--tokens-per-block", type=int, default=64, choices=TOKENS_PER_BLOCK)
     parser.add_argument("--mem-limit-gb", type=float, default=100.0, help="skip points needing more GPU memory")
     parser.add_argument("--rep-ms", type=float, default=40.0, help="do_bench repetition time per measurement")
 
@@ -96,66 +100,12 @@ def measure_bandwidth(rep_ms: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ decode
-def _quant_pool(spec, num_blocks, device):
-    """A pool of random codes with sane fp16 metadata (scale ~U(0.02, 0.2), min ~ -8 s)."""
-    import torch
-
-    from .layout import pool_views
-
-    pool = torch.randint(0, 256, spec.pool_shape(num_blocks), dtype=torch.uint8, device=device)
-    views = pool_views(pool, spec.head_dim, spec.storage, spec.metadata_dtype)
-    views.scale.copy_((torch.rand(views.scale.shape, device=device) * 0.18 + 0.02).to(views.scale.dtype))
-    views.vmin.copy_((-8 * views.scale.float()).to(views.vmin.dtype))
-    return pool
-
-
-def _bf16_pool(spec, num_blocks, device):
-    import torch
-
-    pool = torch.empty(spec.pool_shape(num_blocks), dtype=torch.uint8, device=device)
-    pool.view(torch.bfloat16).normal_()
-    return pool
-
-
-def decode_case(hq, hkv, d, batch, ctx, t=64, device="cuda"):
-    """One decode shape's inputs for the GPU scripts (scripts/decode_breakdown.py,
-    scripts/sweep_decode_small.py): the saw_int4 layer transform, a random INT4 pool behind a shuffled
-    block table, full lengths, a bf16 query, and contiguous bf16 K/V for SDPA."""
-    import types
-
-    import torch
-
-    from .spec import KVCacheSpec
-    from .transforms import build_layer_transform
-
-    spec = KVCacheSpec(d, hkv, t, kv_format="saw_int4")
-    nb = batch * ctx // t
-    k = torch.randn(batch, hkv, ctx, d, device=device, dtype=torch.bfloat16)
-    return types.SimpleNamespace(
-        tf=build_layer_transform(spec).to(device), pool=_quant_pool(spec, nb, device),
-        table=torch.randperm(nb, device=device).int().view(batch, -1),
-        seq_lens=torch.full((batch,), ctx, dtype=torch.int32, device=device),
-        q=torch.randn(batch, hq, d, device=device, dtype=torch.bfloat16), k=k, v=torch.randn_like(k))
-
-
-def _calibrated_transform(spec, device, seed=0):
-    """The layer transform with random channel statistics (mean, scale in [0.5, 1.5)): the calibrated
-    variant of the format (append then also adds the channel bias)."""
-    import torch
-
-    from .transforms import build_layer_transform
-
-    g = torch.Generator().manual_seed(seed)
-    mean = torch.randn(spec.num_kv_heads, spec.head_dim, generator=g)
-    scale = torch.rand(spec.num_kv_heads, spec.head_dim, generator=g) + 0.5
-    return build_layer_transform(spec, mean, scale).to(device)
-
-
-def bench_decode_point(hq, hkv, d, batch, ctx, t, rep_ms, peak_tbps, mem_limit_gb, kernels_to_run=None):
+def bench_decode_point(hq, hkv, d, batch, ctx, t, rep_ms, peak_tbps, mem_limit_gb, config=None):
     import torch
     import torch.nn.functional as F
 
-    from . import kernels
+    from .kernels import decode as decode_kernel
+    from .kernels.config import DEFAULT
     from .spec import KVCacheSpec
     from .transforms import build_layer_transform
 
@@ -192,7 +142,7 @@ def bench_decode_point(hq, hkv, d, batch, ctx, t, rep_ms, peak_tbps, mem_limit_g
     del sets
     torch.cuda.empty_cache()
 
-    def paged(spec, make_pool, q_matrix, storage, nbytes, rotation_block=0):
+    def paged(spec, make_pool, q_matrix, storage, nbytes, hadamard_block=0):
         def make():
             pool = make_pool(spec, nb, dev)
             table = torch.randperm(nb, device=dev, dtype=torch.int64).to(torch.int32).view(batch, nblk_seq)
@@ -202,16 +152,17 @@ def bench_decode_point(hq, hkv, d, batch, ctx, t, rep_ms, peak_tbps, mem_limit_g
 
         def run():
             q, pool, table = s.next()
-            return kernels.decode(q, pool, table, seq_lens, q_matrix, None, scale, storage, "fp16", rotation_block)
+            return decode_kernel.decode(q, pool, table, seq_lens, q_matrix, None, scale, storage, "fp16",
+                                        hadamard_block, config=(config or DEFAULT).decode)
 
         ms = _bench(run, rep_ms, graph=True)
         del s
         torch.cuda.empty_cache()
         return ms
 
-    row["bf16_paged_ms"] = paged(spec16, _bf16_pool, None, "bf16", bytes16)
-    row["int4_ms"] = paged(spec4, _quant_pool, None, "int4", bytes4)
-    row["saw_int4_ms"] = paged(spec4, _quant_pool, tf.q_matrix, "int4", bytes4, tf.rotation_block)
+    row["bf16_paged_ms"] = paged(spec16, bf16_pool, None, "bf16", bytes16)
+    row["int4_ms"] = paged(spec4, quant_pool, None, "int4", bytes4)
+    row["saw_int4_ms"] = paged(spec4, quant_pool, tf.q_matrix, "int4", bytes4, tf.hadamard_block)
     row["saw_int4_tbps"] = bytes4 / row["saw_int4_ms"] / 1e9
     row["saw_int4_frac_bw"] = row["saw_int4_tbps"] / peak_tbps
     row["bf16_paged_tbps"] = bytes16 / row["bf16_paged_ms"] / 1e9
@@ -223,10 +174,11 @@ def bench_decode_point(hq, hkv, d, batch, ctx, t, rep_ms, peak_tbps, mem_limit_g
 
 
 # ------------------------------------------------------------------------------------------ append
-def bench_append(rep_ms, t):
+def bench_append(rep_ms, t, config=None):
     import torch
 
-    from . import kernels
+    from .kernels import append as append_kernel
+    from .kernels.config import DEFAULT
     from .spec import KVCacheSpec
     from .transforms import build_layer_transform
 
@@ -237,7 +189,7 @@ def bench_append(rep_ms, t):
         nb = n // t + 1
         for fmt in ("saw_int4", "saw_int4_calib", "int4", "bf16"):
             spec = KVCacheSpec(d, h, t, kv_format=fmt.removesuffix("_calib"))
-            tf = _calibrated_transform(spec, dev) if fmt.endswith("_calib") else build_layer_transform(spec).to(dev)
+            tf = calibrated_transform(spec, dev) if fmt.endswith("_calib") else build_layer_transform(spec).to(dev)
             nbytes = 2 * n * h * d * 2 + n * spec.bytes_per_token
 
             def make():
@@ -250,8 +202,8 @@ def bench_append(rep_ms, t):
 
             def run():
                 k, v, pool, slots = s.next()
-                kernels.append(pool, k, v, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage, "fp16",
-                               tf.rotation_block)
+                append_kernel.append(pool, k, v, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage, "fp16",
+                                     tf.hadamard_block, config=(config or DEFAULT).append)
 
             ms = _bench(run, rep_ms, graph=True)
             row[f"{fmt}_us"] = ms * 1e3
@@ -284,10 +236,11 @@ def _sdpa_prefill(q, k, v, scale, prefix):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
 
 
-def bench_prefill(rep_ms, t, mem_limit_gb):
+def bench_prefill(rep_ms, t, mem_limit_gb, config=None):
     import torch
 
-    from . import kernels
+    from .kernels import prefill as prefill_kernel
+    from .kernels.config import DEFAULT
     from .spec import KVCacheSpec
     from .transforms import build_layer_transform
 
@@ -315,13 +268,14 @@ def bench_prefill(rep_ms, t, mem_limit_gb):
                 spec = KVCacheSpec(d, hkv, t, kv_format=fmt)
                 tf = build_layer_transform(spec).to(dev)
                 nb = -(-total // t)
-                pool = _quant_pool(spec, nb, dev) if fmt != "bf16" else _bf16_pool(spec, nb, dev)
+                pool = quant_pool(spec, nb, dev) if fmt != "bf16" else bf16_pool(spec, nb, dev)
                 table = torch.randperm(nb, device=dev).to(torch.int32).view(1, nb)
                 sl = torch.tensor([total], dtype=torch.int32, device=dev)
                 qsl = torch.tensor([0, chunk], dtype=torch.int32, device=dev)
                 qq = q[0].transpose(0, 1).contiguous()
-                ms = _bench(lambda: kernels.prefill(qq, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale,
-                                                    spec.storage, "fp16", tf.rotation_block), rep_ms)
+                ms = _bench(lambda: prefill_kernel.prefill(qq, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale,
+                                                           spec.storage, "fp16", tf.hadamard_block,
+                                                           config=(config or DEFAULT).prefill), rep_ms)
                 row[f"{fmt}_ms"] = ms
                 row[f"{fmt}_tflops"] = flops / ms / 1e9
                 row[f"{fmt}_x_vs_sdpa"] = row["sdpa_ms"] / ms
@@ -332,35 +286,34 @@ def bench_prefill(rep_ms, t, mem_limit_gb):
 
 
 # ------------------------------------------------------------------------------------------ tuning
-def tune_decode(rep_ms, t, peak):
-    """Decode tile configs on a few shapes; sets kernels.decode.CONFIG["many"] / ["few"] to the
-    config with the least time relative to the best, summed over the shapes of each regime."""
-    import importlib
-
+# Every tuner takes a KernelConfig, times variants of it (dataclasses.replace) and returns
+# (rows, tuned config); nothing shipped is changed, so a later measurement uses exactly the config
+# it is handed.
+def tune_decode(rep_ms, t, peak, config):
+    """Decode tile configs on a few shapes: per regime, the (block_n, warps, stages) with the least time
+    relative to each shape's best; then the split granularity (tune_decode_splits)."""
     import torch
 
-    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    dcfg = config.decode
     shapes = [(32, 8, 128, 64, 8192), (64, 8, 128, 128, 2048), (32, 8, 128, 8, 32768), (32, 8, 128, 1, 32768),
               (9, 3, 64, 64, 8192)]
-    regime = {s: dmod.regime_of(s[3], s[1], s[2], s[4], sms) for s in shapes}
+    regime = {s: dcfg.regime(s[3], s[1], s[2], "int4", sms, s[4]) for s in shapes}
     grid = [dict(block_n=bn, num_warps=warps, num_stages=stages)
             for bn, warps in TUNE_DECODE_TILES for stages in TUNE_DECODE_STAGES]
-    saved = {k: dict(dmod.CONFIG[k]) for k in set(regime.values())}
     rows = []
     for cfg in grid:
         for shape in shapes:
             hq, hkv, d, b, ctx = shape
-            dmod.CONFIG[regime[shape]] = {**saved[regime[shape]], **cfg}
+            variant = dcfg.with_tile(regime[shape], **cfg)
             try:
-                r = _decode_int4_only(hq, hkv, d, b, ctx, t, rep_ms)
+                r = _decode_int4_only(hq, hkv, d, b, ctx, t, rep_ms, variant)
             except Exception as e:  # a config that does not compile (shared memory, registers)
                 print(f"tune {cfg}: failed {str(e)[:80]}", flush=True)
                 break
             rows.append({**cfg, "shape": list(shape), "regime": regime[shape], "ms": r[0], "frac_bw": r[1] / peak})
             print(f"tune {regime[shape]} bn={cfg['block_n']} w={cfg['num_warps']} s={cfg['num_stages']} "
                   f"{hq}/{hkv}/{d} b={b} ctx={ctx}: {r[0] * 1e3:.1f} us {r[1]:.2f} TB/s {r[1] / peak:.0%}", flush=True)
-        dmod.CONFIG.update({k: dict(v) for k, v in saved.items()})
     for name in set(regime.values()):
         mine = [r for r in rows if r["regime"] == name]
         best_of = {}
@@ -373,8 +326,9 @@ def tune_decode(rep_ms, t, peak):
         complete = {k: sum(v) for k, v in score.items() if len(v) == len(best_of)}
         if complete:
             bn, warps, stages = min(complete, key=complete.get)
-            dmod.CONFIG[name] = {**dmod.CONFIG[name], "block_n": bn, "num_warps": warps, "num_stages": stages}
-    return tune_decode_splits(rep_ms, t, peak, rows)
+            dcfg = dcfg.with_tile(name, block_n=bn, num_warps=warps, num_stages=stages)
+    split_rows, config = tune_decode_splits(rep_ms, t, peak, replace(config, decode=dcfg))
+    return rows + split_rows, config
 
 
 TUNE_SHAPES = [(32, 8, 128, 64, 2048), (32, 8, 128, 64, 8192), (32, 8, 128, 64, 32768), (32, 8, 128, 128, 8192),
@@ -383,11 +337,11 @@ TUNE_SHAPES = [(32, 8, 128, 64, 2048), (32, 8, 128, 64, 8192), (32, 8, 128, 64, 
 TUNE_DECODE_MAXNREG = (None, 168, 144)  # register caps per thread (None: the compiler's choice)
 
 
-def _shapes_by_regime(dmod, sms):
-    """TUNE_SHAPES grouped as kernels.decode.tile_config groups them on this GPU."""
+def _shapes_by_regime(decode_config, sms):
+    """TUNE_SHAPES grouped by the regime decode_config.regime gives them on this GPU."""
     shapes = {"many": [], "few": [], "tiny": []}
     for s in TUNE_SHAPES:
-        shapes[dmod.regime_of(s[3], s[1], s[2], s[4], sms)].append(s)
+        shapes[decode_config.regime(s[3], s[1], s[2], "int4", sms, s[4])].append(s)
     return shapes
 
 
@@ -399,24 +353,23 @@ def _least_relative(timed):
     return min(score, key=score.get)
 
 
-def _tune_decode_key(key, grids, rotations, rep_ms, t, peak, rows):
-    """Times each value of kernels.decode.CONFIG[regime][key] (grids: {regime: values}) on the regime's
-    TUNE_SHAPES, with the q rotation (saw_int4) and/or without (int4) as `rotations` says, and keeps
-    per regime the value with the least relative time."""
-    import importlib
-
+def _tune_decode_key(key, grids, rotations, rep_ms, t, peak, config):
+    """Times each value of config.decode.<regime>.<key> (grids: {regime: values}) on the regime's
+    TUNE_SHAPES, with the q rotation (saw_int4) and/or without (int4) as `rotations` says; returns
+    (rows, config with per regime the value of least relative time)."""
     import torch
 
-    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
-    shapes = _shapes_by_regime(dmod, torch.cuda.get_device_properties(0).multi_processor_count)
+    dcfg = config.decode
+    shapes = _shapes_by_regime(dcfg, torch.cuda.get_device_properties(0).multi_processor_count)
+    rows = []
     for name, values in grids.items():
         timed = {}  # value -> [ms per shape and format]
         for value in values if shapes[name] else ():
-            dmod.CONFIG[name] = {**dmod.CONFIG[name], key: value}
+            variant = dcfg.with_tile(name, **{key: value})
             timed[value] = []
             for hq, hkv, d, b, ctx in shapes[name]:
                 for rotated in rotations:
-                    ms, tbps = _decode_int4_only(hq, hkv, d, b, ctx, t, rep_ms, rotated)
+                    ms, tbps = _decode_int4_only(hq, hkv, d, b, ctx, t, rep_ms, variant, rotated)
                     timed[value].append(ms)
                     fmt = "saw_int4" if rotated else "int4"
                     rows.append({"regime": name, key: value, "format": fmt, "shape": [hq, hkv, d, b, ctx],
@@ -424,37 +377,34 @@ def _tune_decode_key(key, grids, rotations, rep_ms, t, peak, rows):
                     print(f"tune {name} {key}={value} {fmt} {hq}/{hkv}/{d} b={b} ctx={ctx}: {ms * 1e3:.1f} us "
                           f"{tbps:.2f} TB/s {tbps / peak:.0%}", flush=True)
         if timed:
-            dmod.CONFIG[name] = {**dmod.CONFIG[name], key: _least_relative(timed)}
-    print(f"tune: decode config now {dmod.CONFIG}")
-    return rows
+            dcfg = dcfg.with_tile(name, **{key: _least_relative(timed)})
+    return rows, replace(config, decode=dcfg)
 
 
-def tune_decode_splits(rep_ms, t, peak, rows=None):
-    """Split granularity per regime (CONFIG[regime]["waves"]: the split count aims at waves x SMs
+def tune_decode_splits(rep_ms, t, peak, config):
+    """Split granularity per regime (the tile's `waves`: the split count aims at waves x SMs
     programs), timed on saw_int4."""
     grids = {"many": (2, 4, 8, 12, 16, 24), "few": (2, 4, 6, 8), "tiny": (1, 2, 4)}
-    return _tune_decode_key("waves", grids, (True,), rep_ms, t, peak, [] if rows is None else rows)
+    return _tune_decode_key("waves", grids, (True,), rep_ms, t, peak, config)
 
 
-def tune_decode_regs(rep_ms, t, peak):
-    """Register cap per regime (CONFIG[regime]["maxnreg"]), timed on saw_int4 and plain int4: their
+def tune_decode_regs(rep_ms, t, peak, config):
+    """Register cap per regime (the tile's `maxnreg`), timed on saw_int4 and plain int4: their
     kernels differ (168 and 220 registers per thread at the "many" tiles, i.e. 6 and 4 resident
     programs per SM)."""
     grids = {name: TUNE_DECODE_MAXNREG for name in ("many", "few", "tiny")}
-    return _tune_decode_key("maxnreg", grids, (True, False), rep_ms, t, peak, [])
+    return _tune_decode_key("maxnreg", grids, (True, False), rep_ms, t, peak, config)
 
 
-def tune_append(rep_ms, t):
+def tune_append(rep_ms, t, config):
     """Append tile configs (tokens per program, warps) at 16k tokens, 8 KV heads, head_dim 128."""
-    import importlib
-
     import torch
 
-    from . import kernels
+    from .kernels import append as append_kernel
     from .spec import KVCacheSpec
     from .transforms import build_layer_transform
 
-    amod = importlib.import_module("trtllm_sawint4.kernels.append")
+    acfg = config.append
     n, h, d, rows = 16384, 8, 128, []
     for fmt, key in (("int4", "plain"), ("saw_int4", "transform")):
         spec = KVCacheSpec(d, h, t, kv_format=fmt)
@@ -467,29 +417,29 @@ def tune_append(rep_ms, t):
         torch.cuda.synchronize()
         timed = {}
         for cfg in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8)):
-            amod.CONFIG[key] = cfg
-            ms = _bench(lambda: kernels.append(pool, k, v, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage,
-                                               "fp16", tf.rotation_block), rep_ms, graph=True)
+            variant = replace(acfg, **{key: cfg})
+            ms = _bench(lambda: append_kernel.append(pool, k, v, slots, tf.k_matrix, tf.k_bias, tf.v_matrix,
+                                                     spec.storage, "fp16", tf.hadamard_block, config=variant),
+                        rep_ms, graph=True)
             tbps = (2 * n * h * d * 2 + n * spec.bytes_per_token) / ms / 1e9
             rows.append({"format": fmt, "block_n": cfg[0], "warps": cfg[1], "us": ms * 1e3, "tbps": tbps})
             print(f"tune append {fmt} bn={cfg[0]} w={cfg[1]}: {ms * 1e3:.1f} us {tbps:.2f} TB/s", flush=True)
             timed[cfg] = ms
-        amod.CONFIG[key] = min(timed, key=timed.get)
-    print(f"tune: append config now {amod.CONFIG}")
-    return rows
+        acfg = replace(acfg, **{key: min(timed, key=timed.get)})
+    return rows, replace(config, append=acfg)
 
 
-def tune_prefill(rep_ms, t):
-    import importlib
+def tune_prefill(rep_ms, t, config):
     import itertools
 
     import torch
 
-    from . import kernels
+    from .kernels import prefill as prefill_kernel
+    from .kernels.config import PrefillTile
     from .spec import KVCacheSpec
     from .transforms import build_layer_transform
 
-    pmod = importlib.import_module("trtllm_sawint4.kernels.prefill")
+    pcfg = config.prefill
     rows = []
     prefix, chunk, hq, hkv, d = 8192, 2048, 32, 8, 128
     total = prefix + chunk
@@ -501,34 +451,34 @@ def tune_prefill(rep_ms, t):
         spec = KVCacheSpec(d, hkv, t, kv_format=fmt)
         tf = build_layer_transform(spec).to("cuda")
         nb = -(-total // t)
-        pool = _quant_pool(spec, nb, "cuda") if fmt != "bf16" else _bf16_pool(spec, nb, "cuda")
+        pool = quant_pool(spec, nb, "cuda") if fmt != "bf16" else bf16_pool(spec, nb, "cuda")
         table = torch.randperm(nb, device="cuda").to(torch.int32).view(1, nb)
-        table_cfg = pmod.CONFIG_BF16 if fmt == "bf16" else pmod.CONFIG
-        base = table_cfg[d]
-        best = (float("inf"), base)
+        best = (float("inf"), pcfg.tile(d, spec.storage))
         for bm, bn, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), TUNE_PREFILL_STAGES):
             if bm == 64 and warps == 8:
                 continue
-            table_cfg[d] = (bm, bn, warps, stages)
+            tile = PrefillTile(bm, bn, warps, stages)
+            variant = pcfg.with_tile(d, spec.storage, tile)
             try:
-                ms = _bench(lambda: kernels.prefill(q, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, d ** -0.5,
-                                                    spec.storage, "fp16", tf.rotation_block), rep_ms)
+                ms = _bench(lambda: prefill_kernel.prefill(q, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix,
+                                                           d ** -0.5, spec.storage, "fp16", tf.hadamard_block,
+                                                           config=variant), rep_ms)
             except Exception as e:  # out of shared memory etc.
                 print(f"tune prefill {fmt} {bm}/{bn}/{warps}/{stages}: failed {str(e)[:60]}")
                 continue
             rows.append({"fmt": fmt, "cfg": [bm, bn, warps, stages], "ms": ms, "tflops": flops / ms / 1e9})
-            best = min(best, (ms, (bm, bn, warps, stages)))
+            if ms < best[0]:
+                best = (ms, tile)
             print(f"tune prefill {fmt} bm={bm} bn={bn} w={warps} s={stages}: {ms * 1e3:.0f} us "
                   f"{flops / ms / 1e9:.0f} TFLOP/s", flush=True)
-        table_cfg[d] = best[1]
-        print(f"tune: prefill {fmt} config now {best[1]}")
-    return rows
+        pcfg = pcfg.with_tile(d, spec.storage, best[1])
+    return rows, replace(config, prefill=pcfg)
 
 
-def _decode_int4_only(hq, hkv, d, batch, ctx, t, rep_ms, rotated=True):
+def _decode_int4_only(hq, hkv, d, batch, ctx, t, rep_ms, decode_config, rotated=True):
     import torch
 
-    from . import kernels
+    from .kernels import decode as decode_kernel
     from .spec import KVCacheSpec
     from .transforms import build_layer_transform
 
@@ -536,18 +486,23 @@ def _decode_int4_only(hq, hkv, d, batch, ctx, t, rep_ms, rotated=True):
     tf = build_layer_transform(spec).to("cuda")
     nb = batch * (ctx // t)
     nbytes = batch * ctx * spec.bytes_per_token
-    sets = _Cycle(_rotating(lambda: (_quant_pool(spec, nb, "cuda"),
+    sets = _Cycle(_rotating(lambda: (quant_pool(spec, nb, "cuda"),
                                      torch.randperm(nb, device="cuda").int().view(batch, -1)), nbytes))
     q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
     sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
 
     def run():
         pool, table = sets.next()
-        return kernels.decode(q, pool, table, sl, tf.q_matrix if rotated else None, None, d ** -0.5, "int4", "fp16",
-                              tf.rotation_block)
+        return decode_kernel.decode(q, pool, table, sl, tf.q_matrix if rotated else None, None, d ** -0.5, "int4",
+                                    "fp16", tf.hadamard_block, config=decode_config)
 
     ms = _bench(run, rep_ms, graph=True)
     return ms, nbytes / ms / 1e9
+
+
+def config_table(config) -> str:
+    """A config as the Python literal to paste into kernels/config.py (the tuners print it)."""
+    return repr(config)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -595,6 +550,8 @@ def run(args) -> int:
     if not kernels.HAVE_TRITON:
         print("sawint4 bench needs triton")
         return 1
+    from .kernels.config import DEFAULT
+
     os.makedirs(args.out, exist_ok=True)
     parts = set(args.only.split(","))
     t = args.tokens_per_block
@@ -608,19 +565,26 @@ def run(args) -> int:
     print(f"memory bandwidth: copy {bw['copy_tbps']:.2f} TB/s (read+write), read-only sum {bw['read_tbps']:.2f} TB/s")
     peak = bw["peak_tbps"]
 
+    # The tuners return a new config; the parts measured after them in this run use it (printed
+    # below). The shipped kernels.config.DEFAULT is never changed.
+    config = DEFAULT
     if "tune" in parts:
-        result["tune"] = tune_decode(args.rep_ms, t, peak)
+        result["tune"], config = tune_decode(args.rep_ms, t, peak, config)
     if "tunesplit" in parts and "tune" not in parts:
-        result["tune_split"] = tune_decode_splits(args.rep_ms, t, peak)
+        result["tune_split"], config = tune_decode_splits(args.rep_ms, t, peak, config)
     if "tunereg" in parts:
-        result["tune_reg"] = tune_decode_regs(args.rep_ms, t, peak)
+        result["tune_reg"], config = tune_decode_regs(args.rep_ms, t, peak, config)
     if "tuneappend" in parts:
-        result["tune_append"] = tune_append(args.rep_ms, t)
+        result["tune_append"], config = tune_append(args.rep_ms, t, config)
     if "tuneprefill" in parts:
-        result["tune_prefill"] = tune_prefill(args.rep_ms, t)
+        result["tune_prefill"], config = tune_prefill(args.rep_ms, t, config)
+    if config != DEFAULT:
+        print(f"tuned kernel config (used by the parts below; kernels/config.py ships DEFAULT):\n"
+              f"{config_table(config)}")
+        result["tuned_config"] = asdict(config)
 
     if "append" in parts:
-        result["append"] = bench_append(args.rep_ms, t)
+        result["append"] = bench_append(args.rep_ms, t, config)
         cols = ["tokens", "saw_int4_us", "saw_int4_tbps", "saw_int4_calib_us", "saw_int4_calib_tbps", "int4_us",
                 "int4_tbps", "bf16_us", "bf16_tbps", "torch_index_put_us"]
         fmt = {c: "{:.1f}" for c in cols if c.endswith("_us")}
@@ -634,7 +598,7 @@ def run(args) -> int:
         points = [(c, b, x) for c in DECODE_CONFIGS for b in batches for x in contexts]
         rows = []
         for (hq, hkv, d), b, ctx in tqdm(points, desc="decode", mininterval=5):
-            r = bench_decode_point(hq, hkv, d, b, ctx, t, args.rep_ms, peak, args.mem_limit_gb)
+            r = bench_decode_point(hq, hkv, d, b, ctx, t, args.rep_ms, peak, args.mem_limit_gb, config)
             if r is not None:
                 rows.append(r)
                 tqdm.write(f"decode {hq}/{hkv}/{d} b={b} ctx={ctx}: sdpa {r['sdpa_ms'] * 1e3:.1f} us, "
@@ -651,7 +615,7 @@ def run(args) -> int:
         print(_table(rows, cols, fmt))
 
     if "prefill" in parts:
-        result["prefill"] = bench_prefill(args.rep_ms, t, args.mem_limit_gb)
+        result["prefill"] = bench_prefill(args.rep_ms, t, args.mem_limit_gb, config)
         cols = ["prefix", "chunk", "sdpa_ms", "sdpa_tflops", "saw_int4_ms", "saw_int4_tflops", "saw_int4_x_vs_sdpa",
                 "bf16_ms", "bf16_x_vs_sdpa"]
         fmt = {c: "{:.3f}" for c in ("sdpa_ms", "saw_int4_ms", "bf16_ms")}

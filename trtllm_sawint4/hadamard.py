@@ -40,11 +40,11 @@ def block_hadamard_form(matrix: torch.Tensor, block: int) -> torch.Tensor:
     """The block-Hadamard reading of `matrix` ([..., D, D]): M[i, j] = S[i, j] * matrix[(j // block) * block, j],
     S the +-1 blockdiag(Sylvester(block)), built from the first row of each block alone. A matrix is in
     block-Hadamard form when this returns it unchanged; then a kernel needs only that diagonal factor
-    and makes S from indices (the ops' rotation_block). Every transform of build_layer_transform has
+    and makes S from indices (the ops' hadamard_block). Every transform of build_layer_transform has
     the form (R diag(c) = S diag(c / sqrt(block)))."""
     d = matrix.shape[-1]
     if block < 1 or block & (block - 1) or d % block:
-        raise ValueError(f"rotation_block must be a power of 2 dividing head_dim={d}, got {block}")
+        raise ValueError(f"hadamard_block must be a power of 2 dividing head_dim={d}, got {block}")
     signs = torch.block_diag(*[sylvester_hadamard(block, torch.float64) * block**0.5] * (d // block))
     first = (torch.arange(d, device=matrix.device) // block) * block
     diag = matrix[..., first, torch.arange(d, device=matrix.device)]  # [..., D]

@@ -23,8 +23,6 @@ import torch
 
 from .spec import SATURATION
 
-_META_TORCH_DTYPE = {"fp16": torch.float16, "fp32": torch.float32}
-
 
 def round_to_meta(x: torch.Tensor, meta_dtype: str, direction: str) -> torch.Tensor:
     """Round float32 `x` to the nearest value of `meta_dtype` in `direction` ('down' or 'up'); float32 out."""
@@ -69,6 +67,3 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """[..., D/2] bytes -> [..., D] codes."""
     return torch.cat([packed & 0xF, packed >> 4], dim=-1)
 
-
-def meta_torch_dtype(meta_dtype: str) -> torch.dtype:
-    return _META_TORCH_DTYPE[meta_dtype]

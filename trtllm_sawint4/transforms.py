@@ -32,14 +32,16 @@ class LayerTransform:
     k_bias: torch.Tensor | None  # [Hkv, D]
     q_matrix: torch.Tensor | None  # [Hkv, D, D]
     v_matrix: torch.Tensor | None  # [D, D]
-    #: > 0: every matrix is in block-Hadamard form with this block (hadamard.block_hadamard_form),
-    #: which lets the kernels read only its diagonal factor; 0: dense matrices.
-    rotation_block: int = 0
+    #: > 0: every matrix is S diag(d) with S = blockdiag of +-1 Sylvester blocks of this size
+    #: (hadamard.block_hadamard_form), which lets the kernels read only d; 0: dense matrices. The
+    #: ops take it as their `hadamard_block` argument. It equals spec.rotation_block for saw_int4 and
+    #: is 1 (diagonal matrices) for a calibrated format without rotation.
+    hadamard_block: int = 0
 
     def to(self, device: torch.device | str) -> "LayerTransform":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return LayerTransform(move(self.k_matrix), move(self.k_bias), move(self.q_matrix), move(self.v_matrix),
-                              self.rotation_block)
+                              self.hadamard_block)
 
 
 def build_layer_transform(
@@ -52,8 +54,8 @@ def build_layer_transform(
     channel_mean [Hkv, D], and per-channel channel_scale [Hkv, D] or a dense invertible key_map [Hkv, D, D].
 
     k' = R G (k - m), q' = R G^-T q with G = diag(1/s) or key_map. Diagonal G keeps every matrix in
-    block-Hadamard form (rotation_block > 0: the kernels read only its diagonal); a dense key_map gives
-    dense matrices (rotation_block 0)."""
+    block-Hadamard form (hadamard_block > 0: the kernels read only its diagonal); a dense key_map gives
+    dense matrices (hadamard_block 0)."""
     d, h = spec.head_dim, spec.num_kv_heads
     calibrated = channel_mean is not None or channel_scale is not None or key_map is not None
     if calibrated and not spec.quantized:

@@ -2,88 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from trtllm_sawint4.kernels.config import DEFAULT
+from trtllm_sawint4.layout import pool_views
+from trtllm_sawint4.ops import reference as ref
+from trtllm_sawint4.quant import unpack_int4
+
+from helpers import assert_close_relative
+from helpers import block_table, filled_pool, kernel_spec, layer_transform
+
 pytestmark = pytest.mark.gpu
 
-from trtllm_sawint4.layout import pool_views  # noqa: E402
-from trtllm_sawint4.ops import reference as ref  # noqa: E402
-from trtllm_sawint4.quant import unpack_int4  # noqa: E402
-from trtllm_sawint4.spec import KVCacheSpec  # noqa: E402
-from trtllm_sawint4.transforms import build_layer_transform  # noqa: E402
-
 DEV = "cuda"
-
-
-@pytest.fixture(scope="module")
-def K():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from trtllm_sawint4 import kernels
-
-    if not kernels.HAVE_TRITON:
-        pytest.skip("needs triton")
-    return kernels
-
-
-def _spec(fmt, d, h, t, meta="fp16", rotate_v=False):
-    return KVCacheSpec(d, h, t, kv_format=fmt, metadata_dtype=meta, rotate_v=rotate_v if fmt == "saw_int4" else False)
-
-
-def _tf(spec, calibrated=False, seed=0):
-    if not calibrated:
-        return build_layer_transform(spec).to(DEV)
-    g = torch.Generator().manual_seed(seed)
-    mean = torch.randn(spec.num_kv_heads, spec.head_dim, generator=g)
-    scale = torch.rand(spec.num_kv_heads, spec.head_dim, generator=g) + 0.5
-    return build_layer_transform(spec, mean, scale).to(DEV)
-
-
-def _filled_pool(spec, tf, nb, seed=0):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    pool = torch.zeros(spec.pool_shape(nb), dtype=torch.uint8, device=DEV)
-    n = nb * spec.tokens_per_block
-    k = torch.randn(n, spec.num_kv_heads, spec.head_dim, generator=g, device=DEV) * 2 + 0.3
-    v = torch.randn(n, spec.num_kv_heads, spec.head_dim, generator=g, device=DEV)
-    ref.append(pool, k, v, torch.arange(n, device=DEV), tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage,
-               spec.metadata_dtype)
-    return pool
-
-
-def _block_table(lens, t, nb, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    need = [-(-l // t) for l in lens]
-    assert sum(need) <= nb
-    perm = torch.randperm(nb, generator=g)
-    table = torch.full((len(lens), max(need + [1]) + 2), 2**30, dtype=torch.int32)
-    used = 0
-    for b, k in enumerate(need):
-        table[b, :k] = perm[used:used + k].int()
-        used += k
-    return table.to(DEV)
-
-
-def _close(got, want, tol=2e-2):
-    assert not torch.isnan(got).any()
-    err = (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-6)
-    assert err < tol, f"relative error {err:.3e}"
-    torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=1e-1)
+#: the shipped decode config with the Gluon kernel switched off (the Triton kernel everywhere)
+TRITON_ONLY = replace(DEFAULT.decode, gluon=replace(DEFAULT.decode.gluon, enabled=False))
 
 
 # ---------------------------------------------------------------------------------------------- append
 @pytest.mark.parametrize("fmt", ["saw_int4", "int4", "int8", "bf16"])
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("meta", ["fp16", "fp32"])
-def test_append(K, fmt, d, meta):
+def test_append(cuda_kernels, fmt, d, meta):
     """Against the reference run on the CPU (the specification: exact IEEE division; torch on CUDA
     divides by a Python scalar through a reciprocal, so the reference run on the GPU can differ)."""
     if fmt == "bf16" and meta == "fp32":
         pytest.skip("metadata applies to quantized formats")
     torch.manual_seed(0)
     h, t, nb, n = 8, 64, 200, 5000
-    spec = _spec(fmt, d, h, t, meta, rotate_v=True)
-    tf = _tf(spec, calibrated=fmt == "saw_int4" and d == 128)
+    spec = kernel_spec(fmt, d, h, t, meta, rotate_v=True)
+    tf = layer_transform(spec, calibrated=fmt == "saw_int4" and d == 128, device=DEV)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         key = (torch.randn(n, h, d, device=DEV) * 3).to(dtype)
         val = torch.randn(n, h, d, device=DEV).to(dtype)
@@ -95,8 +46,8 @@ def test_append(K, fmt, d, meta):
         ref.append(p_ref, key.cpu(), val.cpu(), slots.cpu(), *[a if a is None else a.cpu() for a in args],
                    spec.storage, meta)
         # the structured path (matrices read as their diagonal factor), except for fp32 keys: dense
-        rb = tf.rotation_block if fmt == "saw_int4" and dtype != torch.float32 else 0
-        K.append(p_ker, key, val, slots, *args, spec.storage, meta, rb)
+        rb = tf.hadamard_block if fmt == "saw_int4" and dtype != torch.float32 else 0
+        cuda_kernels.append(p_ker, key, val, slots, *args, spec.storage, meta, rb)
         p_ker = p_ker.cpu()
         if fmt != "saw_int4":
             if fmt == "bf16":
@@ -141,55 +92,48 @@ DECODE = [
 @pytest.mark.parametrize("fmt,meta,d,h,group,t", DECODE)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mma", [True, False])  # the Gluon kernel where it applies / the Triton kernel only
-def test_decode(K, monkeypatch, fmt, meta, d, h, group, t, dtype, mma):
-    import importlib
-
-    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
-    monkeypatch.setattr(dmod, "MMA_DECODE", mma)
+def test_decode(cuda_kernels, fmt, meta, d, h, group, t, dtype, mma):
+    cfg = DEFAULT.decode if mma else TRITON_ONLY
     torch.manual_seed(1)
     lens = [0, 1, 700, 3001, 130, 4096, 65]
-    spec = _spec(fmt, d, h, t, meta, rotate_v=d != 256)
-    tf = _tf(spec, calibrated=fmt == "saw_int4" and d == 64)
+    spec = kernel_spec(fmt, d, h, t, meta, rotate_v=d != 256)
+    tf = layer_transform(spec, calibrated=fmt == "saw_int4" and d == 64, device=DEV)
     nb = sum(-(-l // t) for l in lens) + 5
-    pool = _filled_pool(spec, tf, nb)
-    table = _block_table(lens, t, nb)
+    pool = filled_pool(spec, tf, nb, device=DEV)
+    table = block_table(lens, t, nb, device=DEV)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
     q = torch.randn(len(lens), h * group, d, device=DEV).to(dtype)
     scale = d ** -0.5
     want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta)
     # the transforms both as dense matrices and in block-Hadamard form (the cache's path)
-    for splits, rb in ((None, tf.rotation_block), (1, tf.rotation_block), (7, tf.rotation_block), (None, 0), (7, 0)):
-        got = K.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta, rb,
-                       num_splits=splits)
+    for splits, rb in ((None, tf.hadamard_block), (1, tf.hadamard_block), (7, tf.hadamard_block), (None, 0), (7, 0)):
+        got = cuda_kernels.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta, rb,
+                       num_splits=splits, config=cfg)
         assert got.dtype == dtype
         assert torch.count_nonzero(got[0]) == 0
-        _close(got[1:], want[1:])
+        assert_close_relative(got[1:], want[1:])
 
 
 @pytest.mark.parametrize("regime", ["many", "few", "tiny"])
 @pytest.mark.parametrize("fmt,t", [("saw_int4", 64), ("saw_int4", 16), ("int4", 128)])
-def test_decode_each_tile_config(K, monkeypatch, regime, fmt, t):
-    """Every tile config of kernels.decode.CONFIG (the Triton kernel), split and unsplit, whatever
+def test_decode_each_tile_config(cuda_kernels, regime, fmt, t):
+    """Every regime's tile of kernels.config.DEFAULT (the Triton kernel), split and unsplit, whatever
     shape selects it (the shapes that select "many" are too big for a quick reference comparison)."""
-    import importlib
-
-    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
-    monkeypatch.setattr(dmod, "tile_config", lambda *a: dmod.CONFIG[regime])
-    monkeypatch.setattr(dmod, "MMA_DECODE", False)
+    cfg = TRITON_ONLY.with_every_tile(DEFAULT.decode.tile(regime))
     torch.manual_seed(2)
     lens = [1, 700, 3001, 4096, 65, 2048]
-    spec = _spec(fmt, 128, 4, t)
-    tf = _tf(spec)
+    spec = kernel_spec(fmt, 128, 4, t)
+    tf = layer_transform(spec, device=DEV)
     nb = sum(-(-l // t) for l in lens) + 5
-    pool = _filled_pool(spec, tf, nb)
-    table = _block_table(lens, t, nb)
+    pool = filled_pool(spec, tf, nb, device=DEV)
+    table = block_table(lens, t, nb, device=DEV)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
     q = torch.randn(len(lens), 16, 128, device=DEV).to(torch.bfloat16)
     want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16")
     for splits in (None, 1, 3, 10**4):  # 10**4: one tile per split (the ONE_TILE early-load path)
-        got = K.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16",
-                       tf.rotation_block, num_splits=splits)
-        _close(got, want)
+        got = cuda_kernels.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16",
+                       tf.hadamard_block, num_splits=splits, config=cfg)
+        assert_close_relative(got, want)
 
 
 @pytest.mark.parametrize("d,splits,calibrated", [
@@ -197,23 +141,23 @@ def test_decode_each_tile_config(K, monkeypatch, regime, fmt, t):
     (128, 300, True),   # 158 splits: two passes of 128
     (64, 250, False),   # 158 splits: one load of 256 at head_dim 64
 ])
-def test_decode_many_splits(K, d, splits, calibrated):
+def test_decode_many_splits(cuda_kernels, d, splits, calibrated):
     """The split merge at batch-1-like split counts (up to 256 splits per load, 8 warps), with and
     without a calibrated transform."""
     torch.manual_seed(3)
     lens = [20000, 1, 64 * 300 + 5]
     t = 64
-    spec = _spec("saw_int4", d, 2, t)
-    tf = _tf(spec, calibrated=calibrated)
+    spec = kernel_spec("saw_int4", d, 2, t)
+    tf = layer_transform(spec, calibrated=calibrated, device=DEV)
     nb = sum(-(-l // t) for l in lens) + 3
-    pool = _filled_pool(spec, tf, nb)
-    table = _block_table(lens, t, nb)
+    pool = filled_pool(spec, tf, nb, device=DEV)
+    table = block_table(lens, t, nb, device=DEV)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
     q = torch.randn(len(lens), 8, d, device=DEV).to(torch.bfloat16)
     want = ref.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16")
-    got = K.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16", tf.rotation_block,
+    got = cuda_kernels.decode(q, pool, table, sl, tf.q_matrix, None, d ** -0.5, "int4", "fp16", tf.hadamard_block,
                    num_splits=splits)
-    _close(got, want)
+    assert_close_relative(got, want)
 
 
 MMA_CASES = [  # fmt, group, t, rotate_v: inside the Gluon kernel's scope (head_dim 128, G <= 8, T % 64 == 0)
@@ -223,68 +167,63 @@ MMA_CASES = [  # fmt, group, t, rotate_v: inside the Gluon kernel's scope (head_
 
 @pytest.mark.parametrize("fmt,group,t,rotate_v", MMA_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decode_mma_kernel(K, monkeypatch, fmt, group, t, rotate_v, dtype):
-    """The Gluon kernel (kernels/decode_mma.py) against the reference: ragged lengths (partial tiles,
+def test_decode_mma_kernel(cuda_kernels, fmt, group, t, rotate_v, dtype):
+    """The Gluon kernel (kernels/decode_gluon.py) against the reference: ragged lengths (partial tiles,
     one token, zero), shuffled blocks, ids past each sequence that must not be read, every split
     count from one tile per split to one split; and the dispatch really takes it."""
-    import importlib
-
-    dmod = importlib.import_module("trtllm_sawint4.kernels.decode")
-    calls = []
-    real = dmod._decode_mma
-    monkeypatch.setattr(dmod, "_decode_mma", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(dmod, "TINY_TOKEN_HEADS", 0)  # (these shapes would be "tiny")
+    cfg = replace(DEFAULT.decode, tiny_token_heads=0)  # (these shapes would be "tiny")
     torch.manual_seed(4)
     lens = [0, 1, 63, 64, 65, 700, 3001, 4096, 129]
     h = 4
-    spec = _spec(fmt, 128, h, t, rotate_v=rotate_v)
-    tf = _tf(spec, calibrated=fmt == "saw_int4" and group == 3)
+    spec = kernel_spec(fmt, 128, h, t, rotate_v=rotate_v)
+    tf = layer_transform(spec, calibrated=fmt == "saw_int4" and group == 3, device=DEV)
     nb = sum(-(-l // t) for l in lens) + 5
-    pool = _filled_pool(spec, tf, nb)
-    table = _block_table(lens, t, nb)
+    pool = filled_pool(spec, tf, nb, device=DEV)
+    table = block_table(lens, t, nb, device=DEV)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
     q = torch.randn(len(lens), h * group, 128, device=DEV).to(dtype)
     want = ref.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16")
     for splits in (None, 1, 5, 10**4):
-        got = K.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16",
-                       tf.rotation_block, num_splits=splits)
+        assert cuda_kernels.decode_module.schedule_for(q, pool, table, tf.q_matrix, tf.v_matrix, spec.storage, "fp16",
+                                            tf.hadamard_block, config=cfg, num_splits=splits).backend == "gluon"
+        got = cuda_kernels.decode(q, pool, table, sl, tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, "fp16",
+                       tf.hadamard_block, num_splits=splits, config=cfg)
         assert got.dtype == dtype
         assert torch.count_nonzero(got[0]) == 0
-        _close(got[1:], want[1:])
-    assert len(calls) == 4
+        assert_close_relative(got[1:], want[1:])
 
 
 @pytest.mark.parametrize("rotate_v", [True, False])  # the V-rotating merge / the plain one
 @pytest.mark.parametrize("b,mb", [(16, 64), (1, 16)])  # "few" splits; "tiny" one-tile splits (ONE_TILE)
-def test_decode_cuda_graph(K, rotate_v, b, mb):
+def test_decode_cuda_graph(cuda_kernels, rotate_v, b, mb):
     """A decode step captured in a CUDA graph and replayed with new lengths/queries equals eager."""
     torch.manual_seed(2)
-    spec = _spec("saw_int4", 128, 8, 64, rotate_v=rotate_v)
-    tf = _tf(spec)
+    spec = kernel_spec("saw_int4", 128, 8, 64, rotate_v=rotate_v)
+    tf = layer_transform(spec, device=DEV)
     nb = b * mb
-    pool = _filled_pool(spec, tf, nb)
+    pool = filled_pool(spec, tf, nb, device=DEV)
     table = torch.randperm(nb, device=DEV).int().view(b, mb)
     sl = torch.randint(1, mb * 64, (b,), dtype=torch.int32, device=DEV)
     q = torch.randn(b, 32, 128, device=DEV, dtype=torch.bfloat16)
-    args = lambda: (q, pool, table, sl, tf.q_matrix, tf.v_matrix, 0.088, "int4", "fp16", tf.rotation_block)  # noqa: E731
-    K.decode(*args())  # compile outside the capture
+    args = lambda: (q, pool, table, sl, tf.q_matrix, tf.v_matrix, 0.088, "int4", "fp16", tf.hadamard_block)  # noqa: E731
+    cuda_kernels.decode(*args())  # compile outside the capture
     torch.cuda.synchronize()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        K.decode(*args())
+        cuda_kernels.decode(*args())
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = K.decode(*args())
+        out = cuda_kernels.decode(*args())
     for _ in range(3):
         sl.copy_(torch.randint(0, mb * 64, (b,), dtype=torch.int32, device=DEV))
         q.copy_(torch.randn_like(q))
         graph.replay()
         torch.cuda.synchronize()
-        eager = K.decode(*args())
+        eager = cuda_kernels.decode(*args())
         assert torch.equal(out, eager)
-        _close(out[sl > 0], ref.decode(*args())[sl > 0])
+        assert_close_relative(out[sl > 0], ref.decode(*args())[sl > 0])
 
 
 # ---------------------------------------------------------------------------------------------- prefill
@@ -301,30 +240,30 @@ PREFILL = [
 
 @pytest.mark.parametrize("fmt,meta,d,h,group,t", PREFILL)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_prefill(K, fmt, meta, d, h, group, t, dtype):
+def test_prefill(cuda_kernels, fmt, meta, d, h, group, t, dtype):
     torch.manual_seed(3)
     lens = [1000, 2500, 37, 0, 900]     # cached tokens after the append
     q_lens = [1000, 300, 1, 0, 129]     # full prefill, chunked extend, decode-like, idle, extend
-    spec = _spec(fmt, d, h, t, meta, rotate_v=True)
-    tf = _tf(spec, calibrated=fmt == "saw_int4" and d == 128)
+    spec = kernel_spec(fmt, d, h, t, meta, rotate_v=True)
+    tf = layer_transform(spec, calibrated=fmt == "saw_int4" and d == 128, device=DEV)
     nb = sum(-(-l // t) for l in lens) + 3
-    pool = _filled_pool(spec, tf, nb)
-    table = _block_table(lens, t, nb)
+    pool = filled_pool(spec, tf, nb, device=DEV)
+    table = block_table(lens, t, nb, device=DEV)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
     qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(DEV)
     q = torch.randn(int(qsl[-1]), h * group, d, device=DEV).to(dtype)
     scale = d ** -0.5
     want = ref.prefill(q, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta)
-    for rb in sorted({0, tf.rotation_block}):  # dense matrices and block-Hadamard form
-        got = K.prefill(q, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta, rb)
+    for rb in sorted({0, tf.hadamard_block}):  # dense matrices and block-Hadamard form
+        got = cuda_kernels.prefill(q, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale, spec.storage, meta, rb)
         assert got.dtype == dtype
-        _close(got, want)
+        assert_close_relative(got, want)
 
 
-def test_public_ops_dispatch_to_kernels(K):
+def test_public_ops_dispatch_to_kernels(cuda_kernels):
     from trtllm_sawint4.ops.dispatch import implementation
 
-    pool = torch.zeros(_spec("saw_int4", 128, 2, 64).pool_shape(2), dtype=torch.uint8, device=DEV)
-    assert implementation("decode", pool) is K.decode
-    assert implementation("append", pool) is K.append
-    assert implementation("prefill", pool) is K.prefill
+    pool = torch.zeros(kernel_spec("saw_int4", 128, 2, 64).pool_shape(2), dtype=torch.uint8, device=DEV)
+    assert implementation("decode", pool) is cuda_kernels.decode
+    assert implementation("append", pool) is cuda_kernels.append
+    assert implementation("prefill", pool) is cuda_kernels.prefill

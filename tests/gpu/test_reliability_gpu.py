@@ -11,60 +11,36 @@ compute-sanitizer (docs/guarantees.md):
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
+from dataclasses import replace
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
+from trtllm_sawint4 import ChannelCalibration, KVCacheSpec, PagedKVCache, build_layer_transform
+from trtllm_sawint4.kernels.config import DEFAULT
+from trtllm_sawint4.layout import pool_views
+from trtllm_sawint4.ops import reference as ref
+
+from helpers import SPECS, layer_transform
 
 pytestmark = pytest.mark.gpu
 
-from trtllm_sawint4 import ChannelCalibration, KVCacheSpec, PagedKVCache, build_layer_transform  # noqa: E402
-from trtllm_sawint4.layout import pool_views  # noqa: E402
-from trtllm_sawint4.ops import dispatch  # noqa: E402
-from trtllm_sawint4.ops import reference as ref  # noqa: E402
-
 DEV = "cuda"
 F16_MAX = 65504.0
-
-
-@pytest.fixture(scope="module")
-def K():
-    """The CUDA implementations the public ops dispatch to (the Triton kernels, never the reference)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    import trtllm_sawint4.ops  # noqa: F401
-    from trtllm_sawint4 import kernels
-
-    probe = torch.zeros(1, device=DEV)
-    impls = {op: dispatch.implementation(op, probe) for op in ("append", "decode", "prefill")}
-    for op, fn in impls.items():
-        assert fn is not getattr(ref, op), f"no CUDA kernel registered for {op}"
-    impls["decode_module"] = sys.modules["trtllm_sawint4.kernels.decode"]
-    if type(sys.modules["trtllm_sawint4.kernels.append"]._append_kernel).__name__ == "InterpretedFunction":
-        pytest.fail("the kernels were imported with TRITON_INTERPRET=1 (set by a CPU test module collected in "
-                    "this session): run the GPU files in their own pytest invocation, e.g. pytest -m gpu tests/gpu")
-    impls["kernels"] = kernels
-    return impls
+#: the shipped decode config without the "tiny" regime (the small shapes here would be "tiny", where the
+#: Gluon kernel is not used)
+NOT_TINY = replace(DEFAULT.decode, tiny_token_heads=0)
+#: the formats of these tests: helpers.SPECS, and plain formats with fp32 metadata
+FORMATS = {**SPECS, "int4_fp32meta": dict(kv_format="int4", metadata_dtype="fp32"),
+           "int8_fp32meta": dict(kv_format="int8", metadata_dtype="fp32")}
 
 
 def _spec(fmt: str, d=64, h=2, t=16, **kw) -> KVCacheSpec:
-    extra = {"saw_int4_v": dict(kv_format="saw_int4", rotation_block=16, rotate_v=True, sign_seed=1),
-             "saw_int4_fp32meta": dict(kv_format="saw_int4", metadata_dtype="fp32"),
-             "int4_fp32meta": dict(kv_format="int4", metadata_dtype="fp32"),
-             "int8_fp32meta": dict(kv_format="int8", metadata_dtype="fp32")}.get(fmt, dict(kv_format=fmt))
-    return KVCacheSpec(d, h, t, **extra, **kw)
+    return KVCacheSpec(d, h, t, **FORMATS.get(fmt, dict(kv_format=fmt)), **kw)
 
 
 def _tf(spec, calibrated=False):
-    if not calibrated:
-        return build_layer_transform(spec).to(DEV)
-    g = torch.Generator().manual_seed(0)
-    mean = torch.randn(spec.num_kv_heads, spec.head_dim, generator=g)
-    scale = torch.rand(spec.num_kv_heads, spec.head_dim, generator=g) + 0.5
-    return build_layer_transform(spec, mean, scale).to(DEV)
+    return layer_transform(spec, calibrated, 0, DEV)
 
 
 def _bits(t):
@@ -103,13 +79,13 @@ def _edge_kv(spec):
     return k, v
 
 
-def _append_both(K, spec, tf, k, v, slots, nb):
+def _append_both(cuda_kernels, spec, tf, k, v, slots, nb):
     g = torch.Generator(device=DEV).manual_seed(5)
     p_ref = torch.randint(0, 256, spec.pool_shape(nb), dtype=torch.uint8, device=DEV, generator=g)
     p_ker = p_ref.clone()
     args = (tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage, spec.metadata_dtype)
     ref.append(p_ref, k, v, slots, *args)
-    K["append"](p_ker, k, v, slots, *args)
+    cuda_kernels.append(p_ker, k, v, slots, *args)
     torch.cuda.synchronize()
     return p_ref, p_ker
 
@@ -127,7 +103,7 @@ def _untouched_equal(spec, p_ref, p_ker, slots):
 # ---- sanitizer subset: tiny shapes ----------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["int4", "int8", "bf16", "int4_fp32meta", "int8_fp32meta"])
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_sanitizer_append_edge_values_bit_identical(K, fmt, in_dtype):
+def test_sanitizer_append_edge_values_bit_identical(cuda_kernels, fmt, in_dtype):
     """No transform: every stored byte equals the reference's (nan payloads aside), for constants,
     zeros, spikes, values beyond fp16, fp32 and fp16 subnormals, +-inf and nan, in every input dtype;
     bytes outside the slots (garbage-filled pool) are untouched."""
@@ -136,7 +112,7 @@ def test_sanitizer_append_edge_values_bit_identical(K, fmt, in_dtype):
     k, v = _edge_kv(spec)
     k, v = k.to(DEV, in_dtype), v.to(DEV, in_dtype)
     slots = torch.randperm(4 * spec.tokens_per_block, generator=torch.Generator().manual_seed(1))[:k.shape[0]]
-    p_ref, p_ker = _append_both(K, spec, tf, k, v, slots.to(DEV), nb=5)
+    p_ref, p_ker = _append_both(cuda_kernels, spec, tf, k, v, slots.to(DEV), nb=5)
     vr, vk = (pool_views(p, spec.head_dim, spec.storage, spec.metadata_dtype) for p in (p_ref, p_ker))
     if spec.quantized:
         assert torch.equal(vr.codes, vk.codes)
@@ -146,15 +122,16 @@ def test_sanitizer_append_edge_values_bit_identical(K, fmt, in_dtype):
     _untouched_equal(spec, p_ref, p_ker, slots.to(DEV))
 
 
-@pytest.mark.parametrize("fmt, calibrated", [("saw_int4", False), ("saw_int4_v", True), ("saw_int4_fp32meta", False)])
-def test_sanitizer_append_edge_values_with_transforms(K, fmt, calibrated):
+@pytest.mark.parametrize("fmt, calibrated", [("saw_int4", False), ("saw_int4_v_signs", True),
+                                            ("saw_int4_fp32meta", False)])
+def test_sanitizer_append_edge_values_with_transforms(cuda_kernels, fmt, calibrated):
     """With transforms: nan metadata exactly for the non-finite vectors, codes 0 there, no inf metadata,
     nothing written outside the slots."""
     spec = _spec(fmt)
     tf = _tf(spec, calibrated)
     k, v = _edge_kv(spec)
     slots = torch.arange(k.shape[0], device=DEV) * 2
-    p_ref, p_ker = _append_both(K, spec, tf, k.to(DEV), v.to(DEV), slots, nb=4)
+    p_ref, p_ker = _append_both(cuda_kernels, spec, tf, k.to(DEV), v.to(DEV), slots, nb=4)
     vr, vk = (pool_views(p, spec.head_dim, spec.storage, spec.metadata_dtype) for p in (p_ref, p_ker))
     blk, row = slots // spec.tokens_per_block, slots % spec.tokens_per_block
     for a, b in ((vr.scale, vk.scale), (vr.vmin, vk.vmin)):
@@ -188,9 +165,9 @@ def _small_cache_case(spec, tf, lens, seed=0, nb=None):
     return pool, table.to(DEV), torch.tensor(lens, dtype=torch.int32, device=DEV)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int8", "bf16", "saw_int4_v"])
+@pytest.mark.parametrize("fmt", ["int4", "int8", "bf16", "saw_int4_v_signs"])
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
-def test_sanitizer_decode_small(K, fmt, num_splits):
+def test_sanitizer_decode_small(cuda_kernels, fmt, num_splits):
     """Decode over mixed lengths (0, partial block, several blocks) with junk past each table row, with
     the split-KV + reduce path forced: matches the reference, never writes the pool."""
     spec = _spec(fmt, t=8)
@@ -199,7 +176,7 @@ def test_sanitizer_decode_small(K, fmt, num_splits):
     q = torch.randn(4, 8, spec.head_dim, device=DEV, dtype=torch.bfloat16)
     args = (pool, table, lens, tf.q_matrix, tf.v_matrix, 0.125, spec.storage, spec.metadata_dtype)
     snap = pool.clone()
-    got = K["decode_module"].decode(q, *args, num_splits=num_splits)
+    got = cuda_kernels.decode_module.decode(q, *args, num_splits=num_splits)
     torch.cuda.synchronize()
     assert torch.equal(pool, snap)
     want = ref.decode(q, *args)
@@ -208,7 +185,7 @@ def test_sanitizer_decode_small(K, fmt, num_splits):
 
 
 @pytest.mark.parametrize("num_splits", [100, 200])  # 314 tiles: 79 splits in one load, 157 in two
-def test_sanitizer_decode_many_splits(K, num_splits):
+def test_sanitizer_decode_many_splits(cuda_kernels, num_splits):
     """The wide split merge (8 warps, up to 128 splits of head_dim 128 per load) over mixed lengths
     (0, a few tokens, thousands) with junk past each table row: matches the reference."""
     spec = _spec("saw_int4", d=128, t=64)
@@ -216,27 +193,27 @@ def test_sanitizer_decode_many_splits(K, num_splits):
     pool, table, lens = _small_cache_case(spec, tf, [0, 20000, 70, 5000])
     q = torch.randn(4, 4, 128, device=DEV, dtype=torch.bfloat16)
     args = (pool, table, lens, tf.q_matrix, None, 0.088, spec.storage, spec.metadata_dtype)
-    got = K["decode_module"].decode(q, *args, num_splits=num_splits)
+    got = cuda_kernels.decode_module.decode(q, *args, num_splits=num_splits)
     want = ref.decode(q, *args)
     assert not bool(got[0].any())
     torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "saw_int4_v"])
+@pytest.mark.parametrize("fmt", ["int4", "saw_int4_v_signs"])
 @pytest.mark.parametrize("num_splits", [None, 2, 10**4])
-def test_sanitizer_decode_mma(K, monkeypatch, fmt, num_splits):
-    """The Gluon decode kernel (kernels/decode_mma.py) over mixed lengths (0, partial tiles, several
+def test_sanitizer_decode_mma(cuda_kernels, fmt, num_splits):
+    """The Gluon decode kernel (kernels/decode_gluon.py) over mixed lengths (0, partial tiles, several
     blocks) with junk past each table row, fp16 queries: matches the reference, never writes the pool."""
-    dmod = K["decode_module"]
-    monkeypatch.setattr(dmod, "TINY_TOKEN_HEADS", 0)
+    dmod = cuda_kernels.decode_module
     spec = _spec(fmt, d=128, t=64)
     tf = _tf(spec, calibrated=spec.rotated)
     pool, table, lens = _small_cache_case(spec, tf, [0, 5, 300, 64])
-    assert dmod.mma_applies(4, 2, 128, 4, 64, "int4", "fp16", torch.float16, table.shape[1] * 64, 132, True)
     q = torch.randn(4, 8, 128, device=DEV, dtype=torch.float16)
     args = (pool, table, lens, tf.q_matrix, tf.v_matrix, 0.088, spec.storage, spec.metadata_dtype)
+    assert dmod.schedule_for(q, pool, table, tf.q_matrix, tf.v_matrix, spec.storage, spec.metadata_dtype,
+                             config=NOT_TINY, num_splits=num_splits).backend == "gluon"
     snap = pool.clone()
-    got = dmod.decode(q, *args, num_splits=num_splits)
+    got = dmod.decode(q, *args, num_splits=num_splits, config=NOT_TINY)
     torch.cuda.synchronize()
     assert torch.equal(pool, snap)
     want = ref.decode(q, *args)
@@ -244,8 +221,8 @@ def test_sanitizer_decode_mma(K, monkeypatch, fmt, num_splits):
     torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "bf16", "saw_int4_v"])
-def test_sanitizer_prefill_small(K, fmt):
+@pytest.mark.parametrize("fmt", ["int4", "bf16", "saw_int4_v_signs"])
+def test_sanitizer_prefill_small(cuda_kernels, fmt):
     """Chunked prefill (queries of 0, 1, part and all of a sequence's tokens): matches the reference,
     never writes the pool."""
     spec = _spec(fmt, t=8)
@@ -257,13 +234,13 @@ def test_sanitizer_prefill_small(K, fmt):
     q = torch.randn(sum(q_lens), 8, spec.head_dim, device=DEV, dtype=torch.bfloat16)
     args = (q, pool, table, lens_t, starts, tf.q_matrix, tf.v_matrix, 0.125, spec.storage, spec.metadata_dtype)
     snap = pool.clone()
-    got = K["prefill"](*args)
+    got = cuda_kernels.prefill(*args)
     torch.cuda.synchronize()
     assert torch.equal(pool, snap)
     torch.testing.assert_close(got.float(), ref.prefill(*args).float(), atol=3e-2, rtol=3e-2)
 
 
-def test_sanitizer_empty_batches_and_zero_lengths(K):
+def test_sanitizer_empty_batches_and_zero_lengths(cuda_kernels):
     spec = _spec("int4")
     tf = _tf(spec)
     ops = torch.ops.sawint4
@@ -313,7 +290,7 @@ BAD_CALLS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CALLS))
-def test_sanitizer_bad_input_is_rejected_before_any_launch(K, case):
+def test_sanitizer_bad_input_is_rejected_before_any_launch(cuda_kernels, case):
     spec = _spec("int4")
     pool = torch.randint(0, 256, spec.pool_shape(3), dtype=torch.uint8, device=DEV)
     snap = pool.clone()
@@ -336,7 +313,7 @@ def test_sanitizer_bad_input_is_rejected_before_any_launch(K, case):
     assert torch.equal(pool, snap)
 
 
-def test_sanitizer_noncontiguous_data_tensors_match_contiguous(K):
+def test_sanitizer_noncontiguous_data_tensors_match_contiguous(cuda_kernels):
     """key/value/query with any strides give the same bits as their contiguous copies."""
     spec = _spec("int4")
     g = torch.Generator().manual_seed(2)
@@ -344,25 +321,25 @@ def test_sanitizer_noncontiguous_data_tensors_match_contiguous(K):
     v = torch.randn(5, 2, 128, generator=g).to(DEV)[..., ::2]  # last-dim stride 2
     slots = torch.arange(5, device=DEV) * 3
     pools = [torch.zeros(spec.pool_shape(2), dtype=torch.uint8, device=DEV) for _ in range(2)]
-    K["append"](pools[0], k, v, slots, None, None, None, "int4", "fp16")
-    K["append"](pools[1], k.contiguous(), v.contiguous(), slots, None, None, None, "int4", "fp16")
+    cuda_kernels.append(pools[0], k, v, slots, None, None, None, "int4", "fp16")
+    cuda_kernels.append(pools[1], k.contiguous(), v.contiguous(), slots, None, None, None, "int4", "fp16")
     torch.cuda.synchronize()
     assert torch.equal(pools[0], pools[1])
     q = torch.randn(4, 1, 64, generator=g).to(DEV).transpose(0, 1)  # [1, 4, 64]
     table = torch.tensor([[0, 1]], dtype=torch.int32, device=DEV)
     lens = torch.tensor([13], dtype=torch.int32, device=DEV)
-    a = K["decode"](q, pools[0], table, lens, None, None, 0.125, "int4", "fp16")
-    b = K["decode"](q.contiguous(), pools[0], table, lens, None, None, 0.125, "int4", "fp16")
+    a = cuda_kernels.decode(q, pools[0], table, lens, None, None, 0.125, "int4", "fp16")
+    b = cuda_kernels.decode(q.contiguous(), pools[0], table, lens, None, None, 0.125, "int4", "fp16")
     torch.cuda.synchronize()
     assert torch.equal(_bits(a), _bits(b))
 
 
 # ---- values through the kernels' attention --------------------------------------------------------------
-FORMATS_WHERE = [(f, w) for f in ["int4", "int8", "saw_int4_v", "saw_int4_fp32meta", "bf16"] for w in ["k", "v"]]
+FORMATS_WHERE = [(f, w) for f in ["int4", "int8", "saw_int4_v_signs", "saw_int4_fp32meta", "bf16"] for w in ["k", "v"]]
 
 
 @pytest.mark.parametrize("fmt, where", FORMATS_WHERE)
-def test_nonfinite_tokens_poison_exactly_the_decode_queries_that_see_them(K, fmt, where):
+def test_nonfinite_tokens_poison_exactly_the_decode_queries_that_see_them(cuda_kernels, fmt, where):
     """Each edge row alone in a one-token sequence: nan exactly for the non-finite rows (all channels of
     the KV head's queries), finite for every finite row (saturation), other KV head always clean."""
     spec = _spec(fmt, t=8)
@@ -379,18 +356,17 @@ def test_nonfinite_tokens_poison_exactly_the_decode_queries_that_see_them(K, fmt
     args = (pool, torch.arange(n, dtype=torch.int32, device=DEV)[:, None], torch.ones(n, dtype=torch.int32,
                                                                                        device=DEV),
             tf.q_matrix, tf.v_matrix, 0.125, spec.storage, spec.metadata_dtype)
-    got, want = K["decode"](q, *args), ref.decode(q, *args)
+    got, want = cuda_kernels.decode(q, *args), ref.decode(q, *args)
     nonfinite = ~torch.isfinite(rows).all(-1).to(DEV)
     assert bool(torch.isnan(got[nonfinite, :2]).all())
     assert bool(torch.isfinite(got[~nonfinite]).all()) and bool(torch.isfinite(got[:, 2:]).all())
     assert torch.equal(torch.isnan(got), torch.isnan(want))
 
 
-@pytest.mark.parametrize("fmt, where", [(f, w) for f in ["int4", "saw_int4_v"] for w in ["k", "v"]])
-def test_nonfinite_tokens_poison_exactly_the_decode_queries_that_see_them_mma(K, monkeypatch, fmt, where):
+@pytest.mark.parametrize("fmt, where", [(f, w) for f in ["int4", "saw_int4_v_signs"] for w in ["k", "v"]])
+def test_nonfinite_tokens_poison_exactly_the_decode_queries_that_see_them_mma(cuda_kernels, fmt, where):
     """The same through the Gluon kernel (head_dim 128, 64-token blocks): one token per sequence."""
-    dmod = K["decode_module"]
-    monkeypatch.setattr(dmod, "TINY_TOKEN_HEADS", 0)
+    dmod = cuda_kernels.decode_module
     spec = _spec(fmt, d=128, t=64)
     tf = _tf(spec)
     rows = edge_rows(128)
@@ -405,15 +381,16 @@ def test_nonfinite_tokens_poison_exactly_the_decode_queries_that_see_them_mma(K,
     args = (pool, torch.arange(n, dtype=torch.int32, device=DEV)[:, None], torch.ones(n, dtype=torch.int32,
                                                                                        device=DEV),
             tf.q_matrix, tf.v_matrix, 0.088, spec.storage, spec.metadata_dtype)
-    assert dmod.mma_applies(n, 2, 128, 4, 64, "int4", "fp16", torch.bfloat16, 64, 132, True)
-    got, want = K["decode"](q, *args), ref.decode(q, *args)
+    assert dmod.schedule_for(q, args[0], args[1], tf.q_matrix, tf.v_matrix, spec.storage, spec.metadata_dtype,
+                             config=NOT_TINY).backend == "gluon"
+    got, want = cuda_kernels.decode(q, *args, config=NOT_TINY), ref.decode(q, *args)
     nonfinite = ~torch.isfinite(rows).all(-1).to(DEV)
     assert bool(torch.isnan(got[nonfinite, :4]).all())
     assert bool(torch.isfinite(got[~nonfinite]).all()) and bool(torch.isfinite(got[:, 4:]).all())
     assert torch.equal(torch.isnan(got), torch.isnan(want))
 
 
-def _prefill_with_nan_at_5(K, fmt, where):
+def _prefill_with_nan_at_5(cuda_kernels, fmt, where):
     spec = _spec(fmt, t=8)
     tf = _tf(spec)
     g = torch.Generator().manual_seed(11)
@@ -424,28 +401,28 @@ def _prefill_with_nan_at_5(K, fmt, where):
     ref.append(pool, k.to(DEV), v.to(DEV), slots, tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage,
                spec.metadata_dtype)
     q = torch.randn(24, 4, spec.head_dim, generator=g).to(DEV)
-    return K["prefill"](q, pool, torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=DEV),
+    return cuda_kernels.prefill(q, pool, torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=DEV),
                         torch.tensor([12, 12], dtype=torch.int32, device=DEV),
                         torch.tensor([0, 12, 24], dtype=torch.int32, device=DEV), tf.q_matrix, tf.v_matrix, 0.125,
                         spec.storage, spec.metadata_dtype)
 
 
 @pytest.mark.parametrize("fmt, where", FORMATS_WHERE)
-def test_nonfinite_token_poisons_later_prefill_queries_of_its_head(K, fmt, where):
-    out = _prefill_with_nan_at_5(K, fmt, where)
+def test_nonfinite_token_poisons_later_prefill_queries_of_its_head(cuda_kernels, fmt, where):
+    out = _prefill_with_nan_at_5(cuda_kernels, fmt, where)
     assert bool(torch.isnan(out[5:12, :2]).all())
     assert bool(torch.isfinite(out[:, 2:]).all()) and bool(torch.isfinite(out[12:]).all())
 
 
 @pytest.mark.parametrize("fmt, where", FORMATS_WHERE)
-def test_nonfinite_token_leaves_causally_earlier_prefill_queries_finite(K, fmt, where):
-    out = _prefill_with_nan_at_5(K, fmt, where)
+def test_nonfinite_token_leaves_causally_earlier_prefill_queries_finite(cuda_kernels, fmt, where):
+    out = _prefill_with_nan_at_5(cuda_kernels, fmt, where)
     assert bool(torch.isfinite(out[:5]).all())
 
 
 # ---- determinism -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fmt", ["saw_int4_v", "int4", "int8", "bf16"])
-def test_determinism_same_inputs_same_bits(K, fmt):
+@pytest.mark.parametrize("fmt", ["saw_int4_v_signs", "int4", "int8", "bf16"])
+def test_determinism_same_inputs_same_bits(cuda_kernels, fmt):
     """Append into two fresh pools -> identical bytes; decode (split-KV path: long contexts) and
     prefill twice -> identical output bits; and the same through PagedKVCache."""
     spec = _spec(fmt, d=128, h=4, t=64)
@@ -461,7 +438,7 @@ def test_determinism_same_inputs_same_bits(K, fmt):
     pools = []
     for _ in range(2):
         p = torch.zeros(spec.pool_shape(nb), dtype=torch.uint8, device=DEV)
-        K["append"](p, k, v, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage, spec.metadata_dtype)
+        cuda_kernels.append(p, k, v, slots, tf.k_matrix, tf.k_bias, tf.v_matrix, spec.storage, spec.metadata_dtype)
         pools.append(p)
     torch.cuda.synchronize()
     assert torch.equal(pools[0], pools[1])
@@ -470,12 +447,12 @@ def test_determinism_same_inputs_same_bits(K, fmt):
     lens_t = torch.tensor(lens, dtype=torch.int32, device=DEV)
     q = torch.randn(8, 32, 128, generator=g).to(DEV, torch.bfloat16)
     rest = (tf.q_matrix, tf.v_matrix, 128 ** -0.5, spec.storage, spec.metadata_dtype)
-    outs = [K["decode"](q, pool, table, lens_t, *rest) for _ in range(3)]
+    outs = [cuda_kernels.decode(q, pool, table, lens_t, *rest) for _ in range(3)]
     assert all(torch.equal(_bits(outs[0]), _bits(o)) for o in outs[1:])
     q_lens = [min(n, 300) for n in lens]
     starts = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(DEV)
     qp = torch.randn(sum(q_lens), 32, 128, generator=g).to(DEV, torch.bfloat16)
-    outs = [K["prefill"](qp, pool, table, lens_t, starts, *rest) for _ in range(3)]
+    outs = [cuda_kernels.prefill(qp, pool, table, lens_t, starts, *rest) for _ in range(3)]
     assert all(torch.equal(_bits(outs[0]), _bits(o)) for o in outs[1:])
 
     runs = []
@@ -493,7 +470,7 @@ def test_determinism_same_inputs_same_bits(K, fmt):
 
 
 # ---- addresses beyond 2**31 bytes --------------------------------------------------------------------------
-def test_pool_larger_than_4gib_addresses_the_far_end(K):
+def test_pool_larger_than_4gib_addresses_the_far_end(cuda_kernels):
     """Blocks whose byte offset exceeds 2**32: append writes them and attention reads them exactly like the
     reference (catches 32-bit address arithmetic)."""
     spec = _spec("int4", d=128, h=8, t=64)
@@ -508,7 +485,7 @@ def test_pool_larger_than_4gib_addresses_the_far_end(K):
     slots = (far[:, None] * 64 + torch.arange(64)).flatten().to(DEV)
     k = torch.randn(n, 8, 128, generator=g).to(DEV)
     v = torch.randn(n, 8, 128, generator=g).to(DEV)
-    K["append"](pool, k, v, slots, None, None, None, "int4", "fp16")
+    cuda_kernels.append(pool, k, v, slots, None, None, None, "int4", "fp16")
     small = torch.zeros(spec.pool_shape(3), dtype=torch.uint8, device=DEV)
     ref.append(small, k, v, torch.arange(n, device=DEV), None, None, None, "int4", "fp16")
     torch.cuda.synchronize()
@@ -519,22 +496,22 @@ def test_pool_larger_than_4gib_addresses_the_far_end(K):
     q = torch.randn(1, 32, 128, generator=g).to(DEV)
     want = ref.decode(q, small, torch.arange(3, dtype=torch.int32, device=DEV)[None], lens, None, None, 0.1,
                       "int4", "fp16")
-    torch.testing.assert_close(K["decode"](q, pool, table, lens, None, None, 0.1, "int4", "fp16"), want,
+    torch.testing.assert_close(cuda_kernels.decode(q, pool, table, lens, None, None, 0.1, "int4", "fp16"), want,
                                atol=3e-2, rtol=3e-2)
     starts = torch.tensor([0, n], dtype=torch.int32, device=DEV)
     qp = torch.randn(n, 32, 128, generator=g).to(DEV)
     want = ref.prefill(qp, small, torch.arange(3, dtype=torch.int32, device=DEV)[None], lens, starts, None, None,
                        0.1, "int4", "fp16")
-    torch.testing.assert_close(K["prefill"](qp, pool, table, lens, starts, None, None, 0.1, "int4", "fp16"), want,
+    torch.testing.assert_close(cuda_kernels.prefill(qp, pool, table, lens, starts, None, None, 0.1, "int4", "fp16"), want,
                                atol=3e-2, rtol=3e-2)
     del pool
     torch.cuda.empty_cache()
 
 
-def test_calibrated_cache_on_device_matches_reference_pool(K):
+def test_calibrated_cache_on_device_matches_reference_pool(cuda_kernels):
     """A calibrated SAW-INT4 cache through PagedKVCache: stored K/V dequantize within a step of the
     reference's and attention matches the reference on the same pool."""
-    spec = _spec("saw_int4_v", d=64, h=2, t=16)
+    spec = _spec("saw_int4_v_signs", d=64, h=2, t=16)
     g = torch.Generator().manual_seed(0)
     cal = ChannelCalibration.from_keys([torch.randn(128, 2, 64, generator=g) * 3 + 1])
     cache = PagedKVCache(spec, num_layers=1, num_blocks=16, device=DEV, calibration=cal)

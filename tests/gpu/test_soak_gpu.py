@@ -15,39 +15,19 @@ The steps are split evenly over the two formats below; shapes are modest (about 
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers and the Soak driver
+from trtllm_sawint4 import ChannelCalibration, KVCacheSpec
+
+from helpers import SPECS
+from soak import Soak
 
 pytestmark = pytest.mark.gpu
 
-from helpers import SPECS  # noqa: E402
-from test_reliability_isolation import Soak  # noqa: E402
-
-from trtllm_sawint4 import ChannelCalibration, KVCacheSpec  # noqa: E402
-from trtllm_sawint4.ops import dispatch, reference  # noqa: E402
-
 STEPS = int(os.environ.get("SAWINT4_SOAK_STEPS", "10000"))
-
-
-@pytest.fixture(scope="module")
-def cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    probe = torch.zeros(1, device="cuda")
-    for op in ("append", "decode", "prefill"):
-        impl = dispatch.implementation(op, probe)
-        assert impl is not getattr(reference, op), f"no CUDA kernel registered for {op}: the soak would test " \
-                                                   f"the reference against itself"
-    if type(sys.modules["trtllm_sawint4.kernels.append"]._append_kernel).__name__ == "InterpretedFunction":
-        pytest.fail("the kernels were imported with TRITON_INTERPRET=1 (set by a CPU test module collected in "
-                    "this session): run the GPU files in their own pytest invocation, e.g. pytest -m gpu tests/gpu")
-    return torch.device("cuda")
 
 
 # (spec, calibrated): SAW-INT4 with every transform (rotation, sign flips, V rotation, calibrated K
@@ -59,7 +39,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_soak_random_steps_against_reference(cuda, case):
+def test_soak_random_steps_against_reference(cuda_kernels, case):
     fmt, calibrated = CASES[case]
     spec = KVCacheSpec(128, 2, 16, **fmt)
     num_layers = 2
@@ -70,7 +50,7 @@ def test_soak_random_steps_against_reference(cuda, case):
                 + torch.randn(2, 128, generator=g) for _ in range(num_layers)]
         calibration = ChannelCalibration.from_keys(keys)
     steps = max(1, STEPS // len(CASES))
-    soak = Soak(spec, num_layers=num_layers, num_blocks=4096, device=cuda, seed=len(case), max_seqs=256,
+    soak = Soak(spec, num_layers=num_layers, num_blocks=4096, device="cuda", seed=len(case), max_seqs=256,
                 max_prefill=96, max_len=384, max_batch=24, q_group=4, mode="reference", q_dtype=torch.bfloat16,
                 atol=3e-2, rtol=3e-2, calibration=calibration)
     t0 = time.time()

@@ -14,19 +14,19 @@ import sys
 import time
 
 from .data import EvalError, require
-from .main import (_int_at_least, add_calibration_method_arguments, add_model_arguments,
-                   check_model_and_text_options)
+from .main import (add_calibration_method_arguments, add_model_arguments, check_model_and_text_options,
+                   int_at_least)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="calibration file to write (torch.save dict)")
     add_model_arguments(parser)
-    parser.add_argument("--tokens", type=_int_at_least(1, "--tokens"), default=4096,
+    parser.add_argument("--tokens", type=int_at_least(1, "--tokens"), default=4096,
                         help="calibration tokens (default 4096)")
-    parser.add_argument("--window-len", type=_int_at_least(8, "--window-len"), default=512,
+    parser.add_argument("--window-len", type=int_at_least(8, "--window-len"), default=512,
                         help="tokens per forward pass (default 512)")
     add_calibration_method_arguments(parser)
-    parser.add_argument("--threads", type=_int_at_least(1, "--threads"), help="torch CPU threads")
+    parser.add_argument("--threads", type=int_at_least(1, "--threads"), help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -58,7 +58,7 @@ def _run(args) -> int:
     from tqdm import tqdm
 
     from ..calibration import ChannelCalibration, model_fingerprint
-    from ..integrations.transformers import _model_dims
+    from ..integrations.transformers import model_dims
     from .collect import collect_stats
 
     if args.threads:
@@ -70,7 +70,7 @@ def _run(args) -> int:
                                                args.text)
     with tqdm(total=windows.shape[0], desc="sawint4 calibrate", unit="window", disable=args.no_progress,
               file=sys.stderr) as bar:
-        stats = collect_stats(loaded.model, list(windows), *_model_dims(loaded.model.config),
+        stats = collect_stats(loaded.model, list(windows), *model_dims(loaded.model.config),
                               progress=lambda: bar.update(1))
     calib = ChannelCalibration.from_stats(stats, args.calib_method, source=f"{loaded.name} on {source}",
                                           scale_power=args.scale_power, shrinkage=args.shrinkage,

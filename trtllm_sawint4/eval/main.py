@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ..spec import TOKENS_PER_BLOCK
 from .data import EvalError, require
 
 #: calibrated rows: row key -> calibration method (saw_int4_calib: --calib-method)
@@ -50,7 +51,7 @@ class Row:
 
 
 # ---- option parsing -----------------------------------------------------------------------
-def _int_at_least(lo: int, name: str):
+def int_at_least(lo: int, name: str):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -85,7 +86,7 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def _power(text: str) -> float:
+def scale_power_arg(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -108,7 +109,7 @@ def _shrinkage(text: str) -> float:
 def add_calibration_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-method", choices=("channel", "qk-channel", "qk-dense"), default=DEFAULT_CALIB_METHOD,
                         help=f"calibration method (default {DEFAULT_CALIB_METHOD}; docs/accuracy.md compares them)")
-    parser.add_argument("--scale-power", type=_power, default=DEFAULT_SCALE_POWER,
+    parser.add_argument("--scale-power", type=scale_power_arg, default=DEFAULT_SCALE_POWER,
                         help=f"scale power of the 'channel' method (default {DEFAULT_SCALE_POWER})")
     parser.add_argument("--shrinkage", type=_shrinkage, default=DEFAULT_SHRINKAGE,
                         help=f"covariance shrinkage of the 'qk-dense' method (default {DEFAULT_SHRINKAGE})")
@@ -132,11 +133,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--windows", type=_int_at_least(1, "--windows"), default=4,
+    parser.add_argument("--windows", type=int_at_least(1, "--windows"), default=4,
                         help="number of text windows (default 4)")
-    parser.add_argument("--window-len", type=_int_at_least(8, "--window-len"), default=512,
+    parser.add_argument("--window-len", type=int_at_least(8, "--window-len"), default=512,
                         help="tokens per window (default 512)")
-    parser.add_argument("--batch-size", type=_int_at_least(1, "--batch-size"), default=4,
+    parser.add_argument("--batch-size", type=int_at_least(1, "--batch-size"), default=4,
                         help="windows per forward pass (default 4)")
     parser.add_argument("--formats", type=_formats, default=list(DEFAULT_FORMATS),
                         help=f"comma-separated rows, or 'all' (default). Rows: {', '.join(ROW_KEYS)}. "
@@ -144,22 +145,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=_seeds, default=[1, 2],
                         help="extra sign seeds (KVCacheSpec.sign_seed) for the saw_int4 and saw_int4_calib rows, "
                              "to show the spread (default 1,2; 'none' to skip)")
-    parser.add_argument("--tokens-per-block", type=int, choices=(8, 16, 32, 64, 128), default=64,
+    parser.add_argument("--tokens-per-block", type=int, choices=TOKENS_PER_BLOCK, default=64,
                         help="paged block size (default 64)")
     parser.add_argument("--calibration", help="ChannelCalibration file from `sawint4 calibrate` for saw_int4_calib "
                         "(default: calibrate on held-out text)")
-    parser.add_argument("--calib-tokens", type=_int_at_least(0, "--calib-tokens"), default=2048,
+    parser.add_argument("--calib-tokens", type=int_at_least(0, "--calib-tokens"), default=2048,
                         help="held-out tokens for self-calibration (default 2048)")
     add_calibration_method_arguments(parser)
-    parser.add_argument("--kivi-group", type=_int_at_least(1, "--kivi-group"), default=32,
+    parser.add_argument("--kivi-group", type=int_at_least(1, "--kivi-group"), default=32,
                         help="KIVI tokens per K quantization group (default 32)")
-    parser.add_argument("--decode-steps", type=_int_at_least(0, "--decode-steps"), default=2,
+    parser.add_argument("--decode-steps", type=int_at_least(0, "--decode-steps"), default=2,
                         help="last tokens of each window run as single-token decode steps (default 2)")
-    parser.add_argument("--gen-tokens", type=_int_at_least(0, "--gen-tokens"), default=24,
+    parser.add_argument("--gen-tokens", type=int_at_least(0, "--gen-tokens"), default=24,
                         help="greedy generation length for the bf16/saw_int4 sample (0: skip; default 24)")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     parser.add_argument("--chart", metavar="PNG", help="write a chart (matplotlib)")
-    parser.add_argument("--threads", type=_int_at_least(1, "--threads"),
+    parser.add_argument("--threads", type=int_at_least(1, "--threads"),
                         help="torch CPU threads (default: torch's choice, one per core)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -402,7 +403,7 @@ def _run(args) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     import trtllm_sawint4.integrations.transformers as hf  # noqa: F401  (registers sawint4_paged)
 
-    num_layers, kv_heads, head_dim = hf._model_dims(model.config)
+    num_layers, kv_heads, head_dim = hf.model_dims(model.config)
     from ..calibration import model_fingerprint
 
     fingerprint = model_fingerprint(model)

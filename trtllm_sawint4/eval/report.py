@@ -6,6 +6,29 @@ import json
 import math
 import statistics
 
+#: The packages whose versions move the table (docs/eval_reproducibility.md): printed in the header and the JSON.
+VERSIONED_PACKAGES = ("torch", "triton", "transformers", "tokenizers", "gguf", "numpy")
+
+
+def cpu_numerics() -> dict:
+    """What else decides the float rounding of a CPU run: torch's vector ISA (AVX2, AVX512, ...) and threads."""
+    import torch
+
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+
+
+def package_versions() -> dict:
+    """Installed version of each VERSIONED_PACKAGES entry (None when absent)."""
+    from importlib import metadata
+
+    out = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
 
 def _agreement(a, b) -> float:
     return float((a == b).float().mean())
@@ -38,6 +61,7 @@ def build_result(model_name, split, args, rows, notes, schedule, bf16_bytes, cal
         "window_len": length, "scored_tokens": count, "schedule": schedule, "batch_size": args.batch_size,
         "tokens_per_block": args.tokens_per_block, "bf16_bytes_per_token": bf16_bytes,
         "calibration": calib_info, "notes": notes, "rows": out_rows, "generation": generation,
+        "versions": package_versions(), "cpu": cpu_numerics(),
     }
     spreads = []
     for head in ("saw_int4", "saw_int4_calib"):
@@ -97,6 +121,10 @@ def format_text(res: dict) -> str:
         "paged rows: PagedKVCache append, then attention read back through the block table (sawint4_paged); "
         f"{res['tokens_per_block']} tokens/block",
     ]
+    if res.get("versions"):
+        cpu = res.get("cpu") or {}
+        lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v is not None)
+                     + (f"; CPU {cpu['capability']}, {cpu['threads']} threads" if cpu else ""))
     if res["calibration"]:
         lines.append(f"+calib: {res['calibration']}")
     lines.append("")

@@ -41,7 +41,7 @@ from ..spec import KVCacheSpec
 ATTN_IMPLEMENTATION = "sawint4_paged"
 
 __all__ = ["ATTN_IMPLEMENTATION", "SawInt4Cache", "KeyRecorderCache", "sawint4_paged_attention",
-           "spec_for_config", "register", "key_bias_calibration"]
+           "spec_for_config", "register", "key_bias_calibration", "model_dims"]
 
 
 @dataclass
@@ -130,7 +130,7 @@ def paged_cache_has_windows() -> bool:
     return "windows" in inspect.signature(PagedKVCache.__init__).parameters
 
 
-def _model_dims(config) -> tuple[int, int, int]:
+def model_dims(config) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of a decoder config."""
     g = kv_geometry(config)
     return g.num_layers, g.num_kv_heads, g.head_dim
@@ -148,7 +148,7 @@ def default_calibration(model, spec: KVCacheSpec, key_bias_centre: bool = True) 
 
 def spec_for_config(config, kv_format: str = "saw_int4", **options) -> KVCacheSpec:
     """The KVCacheSpec of a transformers model config (head_dim and KV heads from the config)."""
-    _, kv_heads, head_dim = _model_dims(config)
+    _, kv_heads, head_dim = model_dims(config)
     return KVCacheSpec(head_dim=head_dim, num_kv_heads=kv_heads, kv_format=kv_format, **options)
 
 
@@ -223,9 +223,11 @@ class SawInt4Cache(Cache):
     def __init__(self, config=None, spec: KVCacheSpec | None = None, *, max_tokens: int = 4096, batch_size: int = 1,
                  calibration: ChannelCalibration | None = None, device: str | torch.device | None = None,
                  paged: PagedKVCache | None = None, key_bias_centre: bool = True):
+        query_dtype = torch.bfloat16
         if isinstance(config, torch.nn.Module):
-            if device is None:
-                device = next(config.parameters()).device
+            first = next(config.parameters())
+            device = first.device if device is None else device
+            query_dtype = first.dtype
             if calibration is None and paged is None:
                 calibration = default_calibration(config, spec or spec_for_config(config.config),
                                                   key_bias_centre=key_bias_centre)
@@ -246,11 +248,12 @@ class SawInt4Cache(Cache):
             blocks = batch_size * math.ceil(max_tokens / spec.tokens_per_block)
             windows = paged_windows(geometry, max_tokens)
             paged = PagedKVCache(spec, num_layers, blocks, device=device or "cpu", calibration=calibration,
+                                 num_query_heads=geometry.num_heads, query_dtype=query_dtype,
                                  **({} if windows is None else {"windows": list(windows)}))
         elif spec is not None and spec != paged.spec:
             raise ValueError("give either spec or paged, not both")
-        elif config is not None and _model_dims(config)[0] != paged.num_layers:
-            raise ValueError(f"the paged cache has {paged.num_layers} layers, the model {_model_dims(config)[0]}")
+        elif config is not None and model_dims(config)[0] != paged.num_layers:
+            raise ValueError(f"the paged cache has {paged.num_layers} layers, the model {model_dims(config)[0]}")
         self.paged = paged
         self.spec = paged.spec
         self.model_windows = kv_geometry(config).windows if config is not None else None
@@ -342,7 +345,7 @@ def key_bias_calibration(model, max_angle: float = 1.0) -> ChannelCalibration | 
     biases = [getattr(getattr(getattr(layer, "self_attn", None), "k_proj", None), "bias", None) for layer in layers]
     if not biases or any(b is None for b in biases):
         return None
-    num_layers, kv_heads, head_dim = _model_dims(model.config)
+    num_layers, kv_heads, head_dim = model_dims(model.config)
     rotary = getattr(inner, "rotary_emb", None)
     inv_freq = getattr(rotary, "inv_freq", None)
     if inv_freq is None or inv_freq.numel() != head_dim // 2:

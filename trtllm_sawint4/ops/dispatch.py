@@ -1,4 +1,5 @@
-"""Which implementation runs an op: a registered kernel for the tensor's device, else the reference."""
+"""Which implementation runs an op: the Triton kernel on CUDA (when triton is installed), else the
+PyTorch reference. The kernels are imported here, from above: they never register themselves."""
 
 from __future__ import annotations
 
@@ -8,28 +9,31 @@ import torch
 
 from . import reference
 
-#: (op name, device type) -> implementation with the reference's signature.
-_IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {}
-_loaded_kernels = False
+_kernels: dict[str, Callable] | None = None
 
 
-def register(name: str, device_type: str, fn: Callable) -> None:
-    _IMPLEMENTATIONS[(name, device_type)] = fn
+def _load_kernels() -> dict[str, Callable]:
+    """The CUDA kernels by op name (each with the reference's signature, plus keyword-only launch
+    arguments), imported on first use: importing triton is slow, and on a CPU machine TRITON_INTERPRET
+    must be decided before it. Empty without triton."""
+    global _kernels
+    if _kernels is None:
+        try:
+            from trtllm_sawint4.kernels import append, decode, prefill
+        except ImportError:  # no triton: the reference serves CUDA too
+            _kernels = {}
+        else:
+            _kernels = {"append": append.append, "decode": decode.decode, "prefill": prefill.prefill}
+    return _kernels
 
 
-def _load_kernels() -> None:
-    """Import the Triton kernels once; they register themselves for CUDA."""
-    global _loaded_kernels
-    if _loaded_kernels:
-        return
-    _loaded_kernels = True
-    try:
-        from .. import kernels  # noqa: F401
-    except ImportError:  # no triton: the reference serves CUDA too
-        pass
+def kernel(name: str, device: torch.device) -> Callable | None:
+    """The Triton kernel of op `name` for tensors on `device`, or None (the reference runs)."""
+    if device.type != "cuda":
+        return None
+    return _load_kernels().get(name)
 
 
 def implementation(name: str, tensor: torch.Tensor) -> Callable:
-    if tensor.device.type != "cpu":
-        _load_kernels()
-    return _IMPLEMENTATIONS.get((name, tensor.device.type), getattr(reference, name))
+    """The kernel for `tensor`'s device, else the reference (`ops.reference.<name>`)."""
+    return kernel(name, tensor.device) or getattr(reference, name)

@@ -84,7 +84,8 @@ class PagedEngine:
             raise ValueError("decode_graphs='on' needs the model on a CUDA device")
         capture = decode_graphs == "on" or (decode_graphs == "auto" and self.device.type == "cuda")
         use_graphs = capture or decode_graphs == "static"
-        reserved = 1 if use_graphs else 0  # a trash block: padded rows of a captured decode step write there
+        # blocks the cache keeps for the padding rows of graph steps
+        reserved = -(-max_batch // tokens_per_block) if use_graphs else 0
         t, layers = tokens_per_block, self.geometry.num_layers
         if num_blocks is None and kv_cache_bytes is not None:
             num_blocks = int(kv_cache_bytes) // (self.spec.block_bytes * layers)
@@ -102,6 +103,7 @@ class PagedEngine:
         if calibration is None:  # the format model.generate() with SawInt4Cache stores
             calibration = default_calibration(model, self.spec)
         self.cache = PagedKVCache(self.spec, layers, num_blocks, device=self.device, calibration=calibration,
+                                  num_query_heads=self.geometry.num_heads, query_dtype=next(model.parameters()).dtype,
                                   **({} if windows is None else {"windows": list(windows)}))
         self.scheduler = Scheduler(self.cache, max_batch=max_batch, max_step_tokens=max_step_tokens,
                                    watermark=max(1, num_blocks // 100) if num_blocks > 8 else 0,
@@ -111,7 +113,7 @@ class PagedEngine:
             from .graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self, batch_sizes=graph_batch_sizes, capture=capture)
-        self.reserved_blocks = reserved
+        self.reserved_blocks = num_blocks - self.cache.allocator.num_free
         use_engine_attention(model)
         self.eos_token_ids = self._eos_ids(model, tokenizer) if eos_token_ids is None else tuple(eos_token_ids)
         self._seeds = random.Random(seed)
@@ -208,13 +210,6 @@ class PagedEngine:
         if not sched.seqs:
             return events
         seqs, counts = sched.seqs, sched.num_new_tokens
-        t_plan = time.perf_counter()
-        self.counters["schedule_s"] += t_plan - t0
-        try:
-            plan = self.cache.plan([s.seq_id for s in seqs], counts)
-        except Exception as e:  # the schedule fits the pool by construction: this is a bug, not a bad request
-            return events + self._fail(seqs, e)
-        self.counters["plan_s"] += time.perf_counter() - t_plan
         ids, pos, rows, samplers = [], [], [], []
         for s, n in zip(seqs, counts):
             ids += s.tokens[s.num_cached:s.num_cached + n]
@@ -222,13 +217,22 @@ class PagedEngine:
             if s.num_cached + n == len(s.tokens):
                 rows.append(len(ids) - 1)
                 samplers.append(s)
-        decode = plan.is_decode and len(rows) == len(seqs)
+        graph_step = self.graphs is not None and len(ids) == len(seqs) == len(rows)  # a pure decode step
+        t_plan = time.perf_counter()
+        self.counters["schedule_s"] += t_plan - t0
+        plan = None
+        if not graph_step:  # (a graph step is planned by the graphs, into their bucket's buffers)
+            try:
+                plan = self.cache.plan([s.seq_id for s in seqs], counts)
+            except Exception as e:  # the schedule fits the pool by construction: this is a bug, not a bad request
+                return events + self._fail(seqs, e)
         t1 = time.perf_counter()
+        self.counters["plan_s"] += t1 - t_plan
         use_engine_attention(self.model)  # the model may be shared (e.g. generate() switched it meanwhile)
         try:
             with torch.inference_mode():
-                if decode and self.graphs is not None:
-                    logits = self.graphs.run(ids, pos, plan)
+                if graph_step:
+                    logits = self.graphs.run([s.seq_id for s in seqs], ids, pos)
                     self.counters["graph_steps"] += 1
                 else:
                     dev = self.device
@@ -243,7 +247,7 @@ class PagedEngine:
         for s, n in zip(seqs, counts):
             s.num_cached += n
         self.counters["steps"] += 1
-        self.counters["decode_steps"] += int(decode)
+        self.counters["decode_steps"] += int(len(ids) == len(seqs))
         self.counters["decode_tokens"] += sum(1 for n in counts if n == 1)
         self.counters["prefill_tokens"] += sum(n for n in counts if n > 1)
         for s, token in zip(samplers, new):

@@ -153,16 +153,16 @@ def mha_with_cache(q: Tensor, k: Tensor, v: Tensor,
     slots = metadata.slot_mapping(table, token_seq[:nt], token_pos[:nt], spec.tokens_per_block)
     storage, meta = spec.storage, spec.metadata_dtype
     torch.ops.sawint4.append(kv_pool, k2[:nt].contiguous(), v2[:nt].contiguous(), slots, tf.k_matrix, tf.k_bias,
-                             tf.v_matrix, storage, meta, tf.rotation_block)
+                             tf.v_matrix, storage, meta, tf.hadamard_block)
 
     y = out.view(b * s, hq, d) if out is not None else torch.empty((b * s, hq, d), dtype=q.dtype, device=q.device)
     if np_:
         y[:npt] = torch.ops.sawint4.prefill(q2[:npt].contiguous(), kv_pool, table[:np_], seq_lens[:np_],
                                             starts[:np_ + 1], tf.q_matrix, tf.v_matrix, scale, storage, meta,
-                                            tf.rotation_block, *extra)
+                                            tf.hadamard_block, *extra)
     if split.num_decode:
         y[npt:nt] = torch.ops.sawint4.decode(q2[npt:nt].contiguous(), kv_pool, table[np_:ns], seq_lens[np_:ns],
-                                             tf.q_matrix, tf.v_matrix, scale, storage, meta, tf.rotation_block,
+                                             tf.q_matrix, tf.v_matrix, scale, storage, meta, tf.hadamard_block,
                                              *extra)
     if nt < b * s:
         y[nt:].zero_()  # rows past the step's tokens (a padded buffer): defined values, not stale ones

@@ -1,6 +1,6 @@
-"""INT4 paged decode as a Gluon kernel: one warp per (sequence, KV head, split), S^T = K q^T.
+"""Paged INT4 decode, the Gluon backend: one warp per (sequence, KV head, split), S^T = K q^T.
 
-Why a second decode kernel. The Triton kernel (decode.py) computes S = q K^T with the G query heads
+Why a second decode kernel. The Triton kernel (decode_triton.py) computes S = q K^T with the G query heads
 as the 16-row left operand of `tl.dot`, so at G = 4 three quarters of its softmax work is padding;
 V's k dimension (tokens) is strided in memory, so its operand fragments are read byte by byte; and
 its main loop costs ~2 x 1170 warp-instructions per 64-token tile (docs/kernels.md). This kernel
@@ -14,7 +14,7 @@ writes the layouts by hand (Gluon, Triton's explicit-layout dialect; sm_80+ `mma
   a pair of tokens -- and the relabelling (`_k_logical`, `_v_logical`, `_p_logical`: reshapes and
   permutes of bit dimensions) makes those registers exactly the MMA operand layouts. No byte-wise
   shared-memory reads, no layout conversions through shared memory.
-* Dequantization is folded as in decode.py (codes are exact in bf16/fp16, `offset` cancels):
+* Dequantization is folded as in decode_triton.py (codes are exact in bf16/fp16, `offset` cancels):
       s_t = sc_t * (q . (c_t + off)) + (mn_t - off * sc_t) * sum(q)
       o   = (p*sc rounded) @ (c + off) - off * sum(p*sc rounded) + p . mn
 * Loads: K/V code tiles and per-token metadata go global -> shared by `cp.async` in STAGES
@@ -23,19 +23,21 @@ writes the layouts by hand (Gluon, Triton's explicit-layout dialect; sm_80+ `mma
 Compiled for sm_90 it is ~1175 warp-instructions per 64-token tile at 146 registers (the Triton
 kernel: 2 warps x ~1170). Scope: INT4 codes, head_dim 128, G <= 8, fp16 metadata, bf16/fp16
 queries, tokens_per_block a multiple of 64. It always writes split partials (lse + normalised
-output per split), merged by decode.py's reduce kernels. A q_matrix in block-Hadamard form (the
-cache's) is applied inside it by butterflies over its D diagonal factors (`_rotated_q`); a dense one
-by `_q_prep_kernel` before it.
+output per split), merged by kernels/_reduce.py. A q_matrix in block-Hadamard form (the cache's) is
+applied inside it by butterflies over its D diagonal factors (`_rotated_q`); a dense one by
+`_common._q_prep_kernel` before it. kernels/schedule.py decides when it runs (`gluon_applies`).
 """
 
 from __future__ import annotations
 
 import logging
 
+import torch
 import triton
-import triton.language as tl
 
-from ._common import _UNPACK_BF16 as _TL_UNPACK_BF16, _UNPACK_FP16 as _TL_UNPACK_FP16, _transform_rows
+from ._common import _UNPACK_BF16 as _TL_UNPACK_BF16, _UNPACK_FP16 as _TL_UNPACK_FP16, LOG2E, _q_prep_kernel
+from ._reduce import merge_splits
+from .schedule import GLUON_BLOCK_N as BLOCK_N, GLUON_HEAD_DIM as HEAD_DIM, GLUON_MAX_GROUP as MAX_GROUP  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ try:
     gluon, gl, cp, _async_copy, _barrier, mma_v2 = _gluon_api()
     HAVE_GLUON = True
     _UNAVAILABLE = None
-except Exception as e:  # Gluon missing or renamed: decode.py keeps its Triton kernel
+except Exception as e:  # Gluon missing or renamed: every decode runs the Triton kernel
     HAVE_GLUON = False
     _UNAVAILABLE = f"{type(e).__name__}: {e}"
 _SWITCHED_OFF = False
@@ -95,12 +97,6 @@ def switch_off(reason: str) -> None:
                     triton.__version__, reason.splitlines()[0] if reason.strip() else "unknown reason")
 
 
-#: Tile and head sizes this kernel is written for (the layouts below spell them out).
-BLOCK_N = 64
-HEAD_DIM = 128
-MAX_GROUP = 8
-
-
 # The relabellings, as permutations of bit dimensions (most significant first; tests check them
 # against the index formulas below and the byte orders they stand for, in plain PyTorch).
 #: K [token, byte j5..j0] -> [token, k5..k0] with k5..k0 = j3, j2, j1, j5, j4, j0
@@ -122,23 +118,6 @@ def k_channel_byte(k):
 def v_channel_byte(m):
     """The byte (output channel of a half) of row m of V's relabelled product."""
     return (m >> 3) | ((m & 7) << 3)
-
-
-@triton.jit
-def _q_prep_kernel(q_ptr, qm_ptr, out_ptr, stride_qb, stride_qh, G: tl.constexpr, GP: tl.constexpr,
-                   D: tl.constexpr, Q_CHUNK: tl.constexpr, PREC: tl.constexpr):
-    """q @ q_matrix[h]^T for the G heads of KV head h, fp32 [B, Hq, D]; grid (B, Hkv). Only for a dense
-    matrix: one in block-Hadamard form is applied inside _decode_mma_kernel (_rotated_q)."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    HALF: tl.constexpr = D // 2
-    g = tl.arange(0, GP)
-    gmask = g < G
-    qrow = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh
-    q_lo, q_hi = _transform_rows(qrow, gmask, qm_ptr + h * D * D, True, D, Q_CHUNK, PREC)
-    op = out_ptr + (b.to(tl.int64) * tl.num_programs(1) * G + h * G + g)[:, None] * D + tl.arange(0, HALF)[None, :]
-    tl.store(op, q_lo, mask=gmask[:, None])
-    tl.store(op + HALF, q_hi, mask=gmask[:, None])
 
 
 if HAVE_GLUON:
@@ -264,31 +243,31 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _issue_tile(pool_ptr, poolh_ptr, bt_row, tile, seq_len, live, kbuf, vbuf, ks_buf, km_buf, vs_buf, vm_buf, h,
-                    H: gl.constexpr, T: gl.constexpr, R: gl.constexpr):
+                    H: gl.constexpr, T: gl.constexpr, REGION: gl.constexpr):
         """cp.async of tile `tile` (64 tokens) of KV head h into one stage of the buffers; nothing
         is read when not `live` (the buffers get zeros). Tokens past seq_len: zero codes; their
         metadata words are copied (inside the block) and zeroed in registers by the caller."""
         blk = gl.load(bt_row + (tile * 64) // T, mask=live, other=0).to(gl.int64)
         row0 = (tile * 64) % T
-        kbase = (blk * 2 * H + h) * R
+        kbase = (blk * 2 * H + h) * REGION
         tok = gl.arange(0, 64, layout=gl.SliceLayout(1, COPY_CODES))
         byt = gl.arange(0, 64, layout=gl.SliceLayout(0, COPY_CODES))
         tmask = ((tile * 64 + tok < seq_len) & live)[:, None]
         off = kbase + (row0 + tok)[:, None] * 64 + byt[None, :]
         _async_copy(kbuf, pool_ptr + off, mask=tmask)
-        _async_copy(vbuf, pool_ptr + off + H * R, mask=tmask)
+        _async_copy(vbuf, pool_ptr + off + H * REGION, mask=tmask)
         c = gl.arange(0, 64, layout=COPY_META)
         mmask = (c >= 0) & live  # per tile: a per-token mask would split the 4-byte copies
         mp = poolh_ptr + gl.multiple_of(kbase // 2 + T * 32 + row0, 8) + c  # fp16 scales, then mins
         _async_copy(ks_buf, mp, mask=mmask)
         _async_copy(km_buf, mp + T, mask=mmask)
-        _async_copy(vs_buf, mp + H * R // 2, mask=mmask)
-        _async_copy(vm_buf, mp + H * R // 2 + T, mask=mmask)
+        _async_copy(vs_buf, mp + H * REGION // 2, mask=mmask)
+        _async_copy(vm_buf, mp + H * REGION // 2 + T, mask=mmask)
 
     @gluon.jit
     def _decode_mma_kernel(q_ptr, qm_ptr, pool_ptr, poolh_ptr, bt_ptr, sl_ptr, po_ptr, pl_ptr,
                            stride_qb, stride_qh, stride_bt, qk_scale, tiles_per_split,
-                           H: gl.constexpr, G: gl.constexpr, T: gl.constexpr, R: gl.constexpr,
+                           H: gl.constexpr, G: gl.constexpr, T: gl.constexpr, REGION: gl.constexpr,
                            FP16: gl.constexpr, STAGES: gl.constexpr, HB: gl.constexpr = 0):
         """Grid (B, Hkv, S), one warp. q: [B, Hq, 128] (the queries, or fp32 from _q_prep_kernel);
         HB > 0: q_matrix (qm_ptr) in block-Hadamard form with blocks of HB, applied here after the
@@ -313,7 +292,7 @@ if HAVE_GLUON:
         nt = gl.maximum(gl.minimum(t0 + tiles_per_split, gl.cdiv(seq_len, 64)) - t0, 0)
         for i in gl.static_range(STAGES - 1):
             _issue_tile(pool_ptr, poolh_ptr, bt_row, t0 + i, seq_len, i < nt, kbuf.index(i), vbuf.index(i),
-                        ks_buf.index(i), km_buf.index(i), vs_buf.index(i), vm_buf.index(i), h, H, T, R)
+                        ks_buf.index(i), km_buf.index(i), vs_buf.index(i), vm_buf.index(i), h, H, T, REGION)
             cp.commit_group()
 
         # q^T [k, head] in the B layout and K's channel order (_k_logical), rounded once: the same
@@ -341,7 +320,7 @@ if HAVE_GLUON:
             nxt = i + STAGES - 1
             ns = nxt % STAGES
             _issue_tile(pool_ptr, poolh_ptr, bt_row, t0 + nxt, seq_len, nxt < nt, kbuf.index(ns), vbuf.index(ns),
-                        ks_buf.index(ns), km_buf.index(ns), vs_buf.index(ns), vm_buf.index(ns), h, H, T, R)
+                        ks_buf.index(ns), km_buf.index(ns), vs_buf.index(ns), vm_buf.index(ns), h, H, T, REGION)
             cp.commit_group()
             st = i % STAGES
 
@@ -382,3 +361,36 @@ if HAVE_GLUON:
         pp = po_ptr + (idx * 8 + g)[None, :] * 128 + ch[:, None]
         gl.store(pp, acc_lo * inv[None, :], mask=(g < G)[None, :])
         gl.store(pp + 64, acc_hi * inv[None, :], mask=(g < G)[None, :])
+
+    @gluon.jit
+    def decode_mma_aot(query, q_matrix, pool, block_table, seq_lens, max_blocks, partial_out, partial_lse,
+                       HQ: gl.constexpr, H: gl.constexpr, G: gl.constexpr, T: gl.constexpr, REGION: gl.constexpr,
+                       FP16: gl.constexpr, STAGES: gl.constexpr, HB: gl.constexpr, SPLITS: gl.constexpr,
+                       QK_SCALE: gl.constexpr):
+        """_decode_mma_kernel in the ahead-of-time form (kernels/aot.py): inputs, the integer scalar, outputs;
+        contiguous [B, HQ, 128] queries, SPLITS splits (grid (B, H, SPLITS)), the scale baked in."""
+        tiles_per_split = gl.cdiv(gl.cdiv(max_blocks * T, 64), SPLITS)
+        _decode_mma_kernel(query, q_matrix, pool, pool.to(gl.pointer_type(gl.float16)), block_table, seq_lens,
+                           partial_out, partial_lse, HQ * 128, 128, max_blocks, QK_SCALE, tiles_per_split,
+                           H, G, T, REGION, FP16, STAGES, HB)
+
+def run(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, tokens_per_block, hadamard_block, schedule,
+        out, partial_out, partial_lse, q_prep) -> None:
+    """One decode launch through the Gluon kernel as `schedule` says, then the merge; writes `out`.
+    q_prep: fp32 [B, Hq, D] for the transformed queries when the q matrix is dense (else unused)."""
+    bsz, hq, d = query.shape
+    h = pool.shape[2]
+    g = hq // h
+    q, qm, hb = query, seq_lens, 0  # (seq_lens: a placeholder pointer when there is no matrix)
+    if q_matrix is not None and hadamard_block > 0:  # applied inside the kernel: butterflies over D values
+        qm, hb = q_matrix.contiguous(), hadamard_block
+    elif q_matrix is not None:  # a dense matrix: one small kernel before, once per (sequence, KV head)
+        q = q_prep
+        _q_prep_kernel[(bsz, h)](query, q_matrix.contiguous(), q, query.stride(0), query.stride(1),
+                                 G=g, GP=max(16, triton.next_power_of_2(g)), D=d, Q_CHUNK=16, PREC=1, num_warps=2)
+    _decode_mma_kernel[(bsz, h, schedule.splits)](
+        q, qm, pool, pool.view(torch.float16), block_table, seq_lens, partial_out, partial_lse, q.stride(0),
+        q.stride(1), block_table.stride(0), float(scale) * LOG2E, schedule.tiles_per_split,
+        H=h, G=g, T=tokens_per_block, REGION=pool.shape[-1], FP16=query.dtype == torch.float16,
+        STAGES=schedule.num_stages, HB=hb, num_warps=1)
+    merge_splits(partial_out, partial_lse, out, v_matrix, schedule, hadamard_block, prec=1)

@@ -71,15 +71,17 @@ def test_bad_request_raises_in_the_caller(loop):
     assert sum(len(e.token_ids) for e in events) == 2
 
 
-def test_cancel_and_closing_the_stream_free_blocks(loop):
-    stream = loop.submit("long", _prompt(20, 1), SamplingParams(max_tokens=200))
+def test_cancel_and_closing_the_stream_free_blocks(model, one_torch_thread):
+    # a pool of 4096 tokens: 3000-token requests run for seconds, long after the cancels below
+    loop = EngineLoop(PagedEngine(model, kv_format="saw_int4", tokens_per_block=8, num_blocks=512, max_batch=4))
+    stream = loop.submit("long", _prompt(20, 1), SamplingParams(max_tokens=3000))
     first = next(stream)
     assert first.token_ids and not first.finished
     loop.cancel("long")
     rest = list(stream)
     assert rest[-1].finish_reason == "abort"
     # a client that stops reading: closing its iterator cancels the request
-    stream = loop.submit("gone", _prompt(20, 2), SamplingParams(max_tokens=200))
+    stream = loop.submit("gone", _prompt(20, 2), SamplingParams(max_tokens=3000))
     next(stream)
     stream.close()
     for _ in range(200):
@@ -89,12 +91,13 @@ def test_cancel_and_closing_the_stream_free_blocks(loop):
         threading.Event().wait(0.01)
     assert s["free_blocks"] == s["total_blocks"] and s["in_flight"] == 0
     loop.cancel("no-such-request")
+    loop.shutdown()
 
 
 def test_shutdown_aborts_in_flight_requests(model, one_torch_thread):
-    engine = PagedEngine(model, tokens_per_block=8, num_blocks=24)
+    engine = PagedEngine(model, tokens_per_block=8, num_blocks=512)
     lp = EngineLoop(engine)
-    stream = lp.submit("a", _prompt(10, 3), SamplingParams(max_tokens=500))
+    stream = lp.submit("a", _prompt(10, 3), SamplingParams(max_tokens=3000))  # seconds: shutdown comes first
     next(stream)
     lp.shutdown(abort=True, timeout=10)
     assert not lp.running

@@ -195,7 +195,9 @@ def test_filtered_logits_top_k_top_p():
     from trtllm_sawint4.serving.sampling import filtered_logits
 
     logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
-    keep = lambda **kw: torch.isfinite(filtered_logits(logits, SamplingParams(temperature=1.0, **kw))).tolist()  # noqa: E731
+    def keep(**kw):
+        return torch.isfinite(filtered_logits(logits, SamplingParams(temperature=1.0, **kw))).tolist()
+
     assert keep(top_k=2) == [True, True, False, False, False]
     assert keep(top_p=0.5) == [True, False, False, False, False]
     assert keep(top_p=0.6) == [True, True, False, False, False]

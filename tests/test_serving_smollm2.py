@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(os.environ.get("SAWINT4_SLOW") != "1", reason="set SAWINT4_SLOW=1 to run (loads SmolLM2)")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("SAWINT4_SLOW") != "1",
+                                                   reason="set SAWINT4_SLOW=1 to run (loads SmolLM2)")]
 
 
 def test_smollm2_engine_equals_generate(one_torch_thread):

@@ -106,7 +106,8 @@ def kv_geometry(config) -> KVGeometry:
     else:
         windows = (window,) * n
     if getattr(cfg, "use_bidirectional_attention", False):
-        raise NotImplementedError("the paged cache serves causal decoders; this config sets use_bidirectional_attention")
+        raise NotImplementedError("the paged cache serves causal decoders; this config sets "
+                                  "use_bidirectional_attention")
     return KVGeometry(n, heads, kv_heads, head_dim, windows)
 
 

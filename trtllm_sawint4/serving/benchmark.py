@@ -473,11 +473,13 @@ def run(args) -> int:
                     report.write()
                 log(f"{sc.name} {sc.input_len}/{sc.output_len} c={conc} {fmt}: {res['output_tok_s']:.1f} out tok/s, "
                     f"TTFT {res['ttft_median_s']:.3f}/{res['ttft_p90_s']:.3f} s, TPOT {res['tpot_median_ms']:.2f}/"
-                    f"{res['tpot_p90_ms']:.2f} ms, peak running {res['peak_running']}, {res['wall_s']:.1f} s; per step: "
+                    f"{res['tpot_p90_ms']:.2f} ms, peak running {res['peak_running']}, {res['wall_s']:.1f} s; "
+                    f"per step: "
                     f"schedule {host['schedule_ms_per_step']:.2f} + plan {host['plan_ms_per_step']:.2f} + forward and "
                     f"sampling {host['forward_ms_per_step']:.2f} ms")
                 if profile is not None and "attention_frac" in profile:
-                    log(f"   profile of a decode step at batch {profile['batch']}: replayed {profile['replayed_step_ms']:.2f}"
+                    log(f"   profile of a decode step at batch {profile['batch']}: replayed "
+                        f"{profile['replayed_step_ms']:.2f}"
                         f" ms; eager device {profile['eager_device_ms']:.2f} ms = attention "
                         f"{100 * profile['attention_frac']:.0f}% / GEMM {100 * profile['gemm_frac']:.0f}% / other "
                         f"{100 * profile['other_frac']:.0f}%")

@@ -64,7 +64,8 @@ class PagedEngine:
                  tokens_per_block: int = 64, max_seq_len: int | None = None,
                  calibration: ChannelCalibration | None = None, spec_options: dict | None = None,
                  decode_graphs: str = "auto", graph_batch_sizes: tuple[int, ...] | None = None,
-                 prefix_sharing: bool = True, reserve_output: bool = False, seed: int = 0, eos_token_ids: tuple[int, ...] | None = None):
+                 prefix_sharing: bool = True, reserve_output: bool = False, seed: int = 0,
+                 eos_token_ids: tuple[int, ...] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -198,7 +199,8 @@ class PagedEngine:
     def stats(self) -> dict:
         s = self.scheduler
         return dict(num_running=len(s.running), num_waiting=len(s.waiting),
-                    free_blocks=self.cache.allocator.num_free, total_blocks=self.cache.allocator.num_blocks - self.reserved_blocks,
+                    free_blocks=self.cache.allocator.num_free,
+                    total_blocks=self.cache.allocator.num_blocks - self.reserved_blocks,
                     num_preemptions=s.num_preemptions, num_forks=s.num_forks, max_seq_len=self.max_seq_len,
                     kv_format=self.spec.kv_format,
                     cuda_graphs=self.graphs is not None and self.graphs.capture, **self.counters)

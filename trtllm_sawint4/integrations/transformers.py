@@ -70,17 +70,81 @@ def _text_config(config):
     return get(decoder=True) if get is not None else config
 
 
-def model_dims(config) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) of a decoder config."""
+@dataclass(frozen=True)
+class KVGeometry:
+    """What the paged cache needs from a decoder config: one pool per attention layer."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    #: per layer: 0 = full causal attention, W > 0 = a sliding window of W positions (itself included)
+    windows: tuple[int, ...]
+
+
+#: layer_types entries the paged cache can serve
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def kv_geometry(config) -> KVGeometry:
+    """Layers, heads, head_dim and per-layer sliding windows of a (text) decoder config.
+
+    Windows follow transformers: a config with `layer_types` gives `sliding_window` to its
+    "sliding_attention" layers; one without them but with a `sliding_window` (Mistral) slides every layer."""
     cfg = _text_config(config)
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    layer_types = getattr(cfg, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
+    n = cfg.num_hidden_layers
+    window = int(getattr(cfg, "sliding_window", None) or 0)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types:
+        unknown = sorted(set(layer_types) - set(_LAYER_TYPES))
+        if unknown:
+            raise NotImplementedError(f"the paged cache serves {_LAYER_TYPES} layers; this model also has {unknown}")
+        windows = tuple(window if t == "sliding_attention" else 0 for t in layer_types[:n])
+    else:
+        windows = (window,) * n
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise NotImplementedError("the paged cache serves causal decoders; this config sets "
+                                  "use_bidirectional_attention")
+    return KVGeometry(n, heads, kv_heads, head_dim, windows)
+
+
+def paged_windows(geometry: KVGeometry, max_seq_len: int) -> tuple[int, ...] | None:
+    """The `windows` argument for PagedKVCache, or None where every layer is full attention for sequences of
+    up to max_seq_len tokens (a window of W >= max_seq_len positions is full causal attention)."""
+    windows = tuple(w if 0 < w < max_seq_len else 0 for w in geometry.windows)
+    if not any(windows):
+        return None
+    if not paged_cache_has_windows():
         raise NotImplementedError(
-            f"SawInt4Cache supports full-attention layers only; this model has layer_types {sorted(set(layer_types))}")
-    return cfg.num_hidden_layers, kv_heads, head_dim
+            f"this model has sliding-window layers (windows {sorted(set(geometry.windows) - {0})}) shorter than "
+            f"the longest sequence ({max_seq_len} tokens), and this PagedKVCache has no per-layer windows")
+    return windows
+
+
+def paged_cache_has_windows() -> bool:
+    """Whether PagedKVCache takes per-layer sliding windows (`windows=`)."""
+    import inspect
+
+    return "windows" in inspect.signature(PagedKVCache.__init__).parameters
+
+
+def model_dims(config) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of a decoder config."""
+    g = kv_geometry(config)
+    return g.num_layers, g.num_kv_heads, g.head_dim
+
+
+def default_calibration(model, spec: KVCacheSpec, key_bias_centre: bool = True) -> ChannelCalibration | None:
+    """The calibration a cache for `model` in format `spec` gets when the caller gives none. Every cache built
+    from a model (SawInt4Cache, the serving engine) takes it from here, so that they store the same format:
+    a rotated (saw_int4) cache of a model whose K projection has a bias (Qwen2) centres K by that bias
+    (`key_bias_calibration`, unless key_bias_centre=False); any other gets none."""
+    if key_bias_centre and spec.rotated:
+        return key_bias_calibration(model)
+    return None
 
 
 def spec_for_config(config, kv_format: str = "saw_int4", **options) -> KVCacheSpec:
@@ -165,14 +229,16 @@ class SawInt4Cache(Cache):
             first = next(config.parameters())
             device = first.device if device is None else device
             query_dtype = first.dtype
-            if calibration is None and key_bias_centre and paged is None and (spec is None or spec.rotated):
-                calibration = key_bias_calibration(config)
+            if calibration is None and paged is None:
+                calibration = default_calibration(config, spec or spec_for_config(config.config),
+                                                  key_bias_centre=key_bias_centre)
             config = config.config
         self.config = config
         if paged is None:
             if config is None:
                 raise ValueError("SawInt4Cache needs the model (or its config) or an existing PagedKVCache (paged=)")
-            num_layers, kv_heads, head_dim = model_dims(config)
+            geometry = kv_geometry(config)
+            num_layers, kv_heads, head_dim = geometry.num_layers, geometry.num_kv_heads, geometry.head_dim
             if spec is None:
                 spec = KVCacheSpec(head_dim=head_dim, num_kv_heads=kv_heads)
             if (spec.head_dim, spec.num_kv_heads) != (head_dim, kv_heads):
@@ -181,14 +247,17 @@ class SawInt4Cache(Cache):
             if max_tokens < 1 or batch_size < 1:
                 raise ValueError(f"max_tokens and batch_size must be >= 1, got {max_tokens}, {batch_size}")
             blocks = batch_size * math.ceil(max_tokens / spec.tokens_per_block)
+            windows = paged_windows(geometry, max_tokens)
             paged = PagedKVCache(spec, num_layers, blocks, device=device or "cpu", calibration=calibration,
-                                 num_query_heads=_text_config(config).num_attention_heads, query_dtype=query_dtype)
+                                 num_query_heads=geometry.num_heads, query_dtype=query_dtype,
+                                 **({} if windows is None else {"windows": list(windows)}))
         elif spec is not None and spec != paged.spec:
             raise ValueError("give either spec or paged, not both")
         elif config is not None and model_dims(config)[0] != paged.num_layers:
             raise ValueError(f"the paged cache has {paged.num_layers} layers, the model {model_dims(config)[0]}")
         self.paged = paged
         self.spec = paged.spec
+        self.model_windows = kv_geometry(config).windows if config is not None else None
         self.seq_ids: list[int] = []
         self._step: tuple[StepPlan, int, int] | None = None  # (plan, batch, new tokens) of the current step
         super().__init__(layers=[_PagedLayer(self, i) for i in range(paged.num_layers)])
@@ -287,8 +356,30 @@ def key_bias_calibration(model, max_angle: float = 1.0) -> ChannelCalibration | 
                                             max_positions=positions, max_angle=max_angle)
 
 
-def _check_mask(attention_mask, q_len: int, kv_len: int) -> None:
-    """Accept no mask, an all-ones 2D padding mask, or a 4D mask equal to plain causal attention."""
+def layer_window(paged: PagedKVCache, layer: int) -> int:
+    """The sliding window the paged cache applies to `layer` (0: full attention)."""
+    windows = getattr(paged, "windows", None)
+    return int(windows[layer]) if windows is not None else 0
+
+
+def _check_window(module_window, cache: "SawInt4Cache", layer_idx: int, kv_len: int) -> int:
+    """The window this layer attends with; raises if the paged cache cannot apply the model's window."""
+    want = int(module_window or 0)
+    if cache.model_windows is not None and want != cache.model_windows[layer_idx]:
+        raise RuntimeError(f"layer {layer_idx} attends with sliding_window={want}, but the model config gives "
+                           f"{cache.model_windows[layer_idx]} (the cache was built from another config?)")
+    have = layer_window(cache.paged, layer_idx)
+    if want and have != want and kv_len > want:
+        raise NotImplementedError(
+            f"layer {layer_idx} has a sliding window of {want} positions and the sequence has {kv_len} tokens, but "
+            f"the paged cache applies window {have} to it (build the cache for this model, with max_tokens <= "
+            f"{want} if its PagedKVCache has no windows)")
+    return want
+
+
+def _check_mask(attention_mask, q_len: int, kv_len: int, window: int = 0) -> None:
+    """Accept no mask, an all-ones 2D padding mask, or a 4D mask equal to plain causal attention (within the
+    sliding window, if any)."""
     if attention_mask is None:
         return
     if attention_mask.dim() == 2:
@@ -303,7 +394,10 @@ def _check_mask(attention_mask, q_len: int, kv_len: int) -> None:
             raise NotImplementedError(f"sawint4_paged attention got a 4D mask of shape {list(visible.shape)}; "
                                       f"only plain causal attention over [{q_len}, {kv_len}] is supported")
         pos = torch.arange(kv_len - q_len, kv_len, device=visible.device)
-        causal = torch.arange(kv_len, device=visible.device)[None, :] <= pos[:, None]
+        kv = torch.arange(kv_len, device=visible.device)[None, :]
+        causal = kv <= pos[:, None]
+        if window:
+            causal &= kv > pos[:, None] - window
         if not bool((visible == causal).all()):
             raise NotImplementedError(
                 "sawint4_paged attention does not support padded batches or custom masks (the attention mask is "
@@ -328,13 +422,15 @@ def sawint4_paged_attention(module, query, key, value, attention_mask, scaling=N
     _BINDING.set(None)  # one attention call per update
     if dropout:
         raise NotImplementedError("sawint4_paged attention has no dropout (use model.eval())")
-    if kwargs.get("sliding_window"):
-        raise NotImplementedError("sawint4_paged attention does not support sliding-window layers")
+    if kwargs.get("softcap"):
+        raise NotImplementedError("sawint4_paged attention has no logit soft-capping (softcap)")
     if query.dim() != 4 or query.shape[0] != binding.batch or query.shape[2] != binding.new_tokens:
         raise ValueError(f"query must be [batch={binding.batch}, heads, tokens={binding.new_tokens}, head_dim], "
                          f"got {list(query.shape)}")
     cache = binding.cache
-    _check_mask(attention_mask, binding.new_tokens, cache.layers[layer_idx].length)
+    kv_len = cache.layers[layer_idx].length
+    window = _check_window(kwargs.get("sliding_window"), cache, layer_idx, kv_len)
+    _check_mask(attention_mask, binding.new_tokens, kv_len, window)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     return cache.attend(layer_idx, query, float(scaling)), None

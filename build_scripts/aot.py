@@ -132,6 +132,7 @@ def strip_scratch_params(ptx: str, kernel_name: str, num_params: int) -> str:
 
 def assemble(ptx: str, out_path: Path) -> bytes:
     """PTX -> cubin with the ptxas that Triton ships (the target is read from the PTX)."""
+    import inspect
     import re
     import subprocess
     import tempfile
@@ -140,10 +141,12 @@ def assemble(ptx: str, out_path: Path) -> bytes:
 
     target = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)
     arch = int(re.match(r"sm_(\d+)", target).group(1))
+    # the ptxas Triton itself uses for this target (triton 3.6+ picks one per arch; 3.5 has one)
+    ptxas = get_ptxas(arch) if inspect.signature(get_ptxas).parameters else get_ptxas()
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp, "kernel.ptx")
         src.write_text(ptx)
-        subprocess.run([get_ptxas(arch).path, f"--gpu-name={target}", str(src), "-o", str(out_path)], check=True,
+        subprocess.run([ptxas.path, f"--gpu-name={target}", str(src), "-o", str(out_path)], check=True,
                        capture_output=True)
     return out_path.read_bytes()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
 
 from . import decode_mma
 from ._common import STORAGE_CODE, _matmul_halves, _nan_rows_with_nonfinite, _transform_rows
@@ -372,10 +373,11 @@ def mma_applies(batch: int, kv_heads: int, head_dim: int, group: int, tokens_per
     """Whether decode runs the Gluon kernel (kernels/decode_mma.py): its scope (INT4 codes, head_dim
     128, G <= 8, fp16 metadata, 16-bit queries, blocks of whole 64-token tiles), outside the
     latency-bound "tiny" regime (there the Triton kernel's single launch and early loads win)."""
-    return (MMA_DECODE and decode_mma.HAVE_GLUON and on_gpu and storage == "int4"
+    return (MMA_DECODE and on_gpu and storage == "int4"
             and head_dim == decode_mma.HEAD_DIM and group <= decode_mma.MAX_GROUP and meta_dtype == "fp16"
             and query_dtype in (torch.bfloat16, torch.float16) and tokens_per_block % decode_mma.BLOCK_N == 0
-            and (MMA_IN_TINY or regime_of(batch, kv_heads, head_dim, max_tokens, num_sms) != "tiny"))
+            and (MMA_IN_TINY or regime_of(batch, kv_heads, head_dim, max_tokens, num_sms) != "tiny")
+            and decode_mma.available())
 
 
 def _decode_mma(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, rotation_block, num_splits, t, out):
@@ -446,8 +448,12 @@ def decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale: float,
     interp = pool.device.type == "cpu"
     max_tokens = block_table.shape[1] * t
     if mma_applies(bsz, h, d, g, t, storage, meta_dtype, query.dtype, max_tokens, _num_sms(pool.device), not interp):
-        return _decode_mma(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, rotation_block, num_splits,
-                           t, out)
+        try:
+            return _decode_mma(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, rotation_block,
+                               num_splits, t, out)
+        except CompilationError as e:  # this Triton's Gluon cannot build it: the Triton kernel serves from now on
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            decode_mma.switch_off(f"{type(e).__name__}: {lines[-1] if lines else ''}")
     cfg = tile_config(bsz, h, d, storage, _num_sms(pool.device), max_tokens)
     block_n = 16 if interp else cfg["block_n"]
     gp = max(16, triton.next_power_of_2(g))

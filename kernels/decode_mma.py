@@ -30,19 +30,70 @@ by `_q_prep_kernel` before it.
 
 from __future__ import annotations
 
+import logging
+
 import triton
 import triton.language as tl
 
 from ._common import _UNPACK_BF16 as _TL_UNPACK_BF16, _UNPACK_FP16 as _TL_UNPACK_FP16, _transform_rows
 
-try:  # Gluon ships with triton >= 3.4; without it decode.py keeps its Triton kernel
+log = logging.getLogger(__name__)
+
+
+def _gluon_api():
+    """The Gluon names this kernel uses, under the spelling of the installed Triton (3.5 to 3.9 differ):
+    (gluon, gl, the async-copy module, async copy, barrier, mma_v2). Raises ImportError naming what is missing."""
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia import ampere
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    # cp.async global -> shared: `async_load` from 3.9 (where the old name raises), before that
+    # `async_copy_global_to_shared`
+    copy = getattr(cp, "async_load", None) or getattr(cp, "async_copy_global_to_shared", None)
+    # the CTA barrier: `gl.barrier` from 3.7, `gl.thread_barrier` before
+    barrier = getattr(gl, "barrier", None) or getattr(gl, "thread_barrier", None)
+    mma = getattr(ampere, "mma_v2", None)
+    if mma is None and hasattr(gl, "tensor"):  # 3.5: no mma_v2 yet; it is tt.dot on an MMA v2 accumulator
+        from triton.experimental.gluon.language._core import builtin
+
+        @builtin
+        def mma(a, b, acc, _semantic=None):
+            out = _semantic.dot(a, b, acc, input_precision=None, max_num_imprecise_acc=None, out_dtype=acc.dtype)
+            return gl.tensor(out.handle, acc.type)
+    missing = [name for name, value in (("async copy", copy), ("barrier", barrier), ("mma_v2", mma)) if value is None]
+    if missing:
+        raise ImportError(f"Gluon of triton {triton.__version__} lacks {', '.join(missing)}")
+    return gluon, gl, cp, copy, barrier, mma
+
+
+try:
+    gluon, gl, cp, _async_copy, _barrier, mma_v2 = _gluon_api()
     HAVE_GLUON = True
-except Exception:  # pragma: no cover
+    _UNAVAILABLE = None
+except Exception as e:  # Gluon missing or renamed: decode.py keeps its Triton kernel
     HAVE_GLUON = False
+    _UNAVAILABLE = f"{type(e).__name__}: {e}"
+_SWITCHED_OFF = False
+
+
+def available() -> bool:
+    """Whether this kernel may run. When Gluon is unusable (not importable here, or the kernel failed
+    to compile: switch_off) it says so once, in one log line, and the Triton decode kernel serves."""
+    if _UNAVAILABLE is not None and not _SWITCHED_OFF:
+        switch_off(_UNAVAILABLE)
+    return _UNAVAILABLE is None
+
+
+def switch_off(reason: str) -> None:
+    """Stop using this kernel for the rest of the process, with one warning naming the reason."""
+    global _UNAVAILABLE, _SWITCHED_OFF
+    _UNAVAILABLE = reason
+    if not _SWITCHED_OFF:
+        _SWITCHED_OFF = True
+        log.warning("Gluon decode kernel switched off for triton %s (%s); the Triton decode kernel serves instead",
+                    triton.__version__, reason.splitlines()[0] if reason.strip() else "unknown reason")
+
 
 #: Tile and head sizes this kernel is written for (the layouts below spell them out).
 BLOCK_N = 64
@@ -224,15 +275,15 @@ if HAVE_GLUON:
         byt = gl.arange(0, 64, layout=gl.SliceLayout(0, COPY_CODES))
         tmask = ((tile * 64 + tok < seq_len) & live)[:, None]
         off = kbase + (row0 + tok)[:, None] * 64 + byt[None, :]
-        cp.async_copy_global_to_shared(kbuf, pool_ptr + off, mask=tmask)
-        cp.async_copy_global_to_shared(vbuf, pool_ptr + off + H * R, mask=tmask)
+        _async_copy(kbuf, pool_ptr + off, mask=tmask)
+        _async_copy(vbuf, pool_ptr + off + H * R, mask=tmask)
         c = gl.arange(0, 64, layout=COPY_META)
         mmask = (c >= 0) & live  # per tile: a per-token mask would split the 4-byte copies
         mp = poolh_ptr + gl.multiple_of(kbase // 2 + T * 32 + row0, 8) + c  # fp16 scales, then mins
-        cp.async_copy_global_to_shared(ks_buf, mp, mask=mmask)
-        cp.async_copy_global_to_shared(km_buf, mp + T, mask=mmask)
-        cp.async_copy_global_to_shared(vs_buf, mp + H * R // 2, mask=mmask)
-        cp.async_copy_global_to_shared(vm_buf, mp + H * R // 2 + T, mask=mmask)
+        _async_copy(ks_buf, mp, mask=mmask)
+        _async_copy(km_buf, mp + T, mask=mmask)
+        _async_copy(vs_buf, mp + H * R // 2, mask=mmask)
+        _async_copy(vm_buf, mp + H * R // 2 + T, mask=mmask)
 
     @gluon.jit
     def _decode_mma_kernel(q_ptr, qm_ptr, pool_ptr, poolh_ptr, bt_ptr, sl_ptr, po_ptr, pl_ptr,
@@ -286,7 +337,7 @@ if HAVE_GLUON:
         trow = gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
         for i in range(nt):
             cp.wait_group(STAGES - 2)
-            gl.thread_barrier()  # every lane's copies of tile i landed; stage (i-1) % STAGES is free
+            _barrier()  # every lane's copies of tile i landed; stage (i-1) % STAGES is free
             nxt = i + STAGES - 1
             ns = nxt % STAGES
             _issue_tile(pool_ptr, poolh_ptr, bt_row, t0 + nxt, seq_len, nxt < nt, kbuf.index(ns), vbuf.index(ns),

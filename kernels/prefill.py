@@ -104,7 +104,9 @@ def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_p
     seq_len = tl.load(sl_ptr + seq, mask=valid, other=0)
 
     i = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = (i < q_len) & valid
+    # (a scalar condition folded into the bound, not `& valid`: Triton 3.9's interpreter gives a scalar
+    # comparison broadcast against a block an int32 mask, which tl.load rejects)
+    rmask = i < tl.where(valid, q_len, 0)
     pos = seq_len - q_len + i
     qrow = (q_start + i).to(tl.int64)
     qr = q_ptr + qrow * stride_qn + hq * stride_qh

@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import triton
 import triton.language as tl
 
 from trtllm_sawint4.build_scripts.aot import AotKernel, AotParam, load_manifest, write_artifacts
@@ -25,7 +26,7 @@ def artifacts(tmp_path_factory):
 
 def test_manifest_describes_every_kernel(artifacts):
     manifest = load_manifest(artifacts)
-    assert manifest["triton_version"] == "3.6.0"
+    assert manifest["triton_version"] == triton.__version__  # the Triton that built it, whichever is installed
     assert {k["op"] for k in manifest["kernels"]} == {"append", "decode", "prefill"}
     for k in manifest["kernels"]:
         cubin = (artifacts / k["cubin"]).read_bytes()

@@ -314,3 +314,11 @@ def test_text_prompts_and_streamed_text(llama):
     tokens = sum((e.token_ids for e in events), [])
     assert len(tokens) == 6 and "".join(e.text for e in events) == tok.decode(tokens)
     assert all(len(e.token_ids) == 1 for e in events)  # one event per token: streaming
+
+
+def test_reserve_output_admits_without_preemption(llama, llama_refs):
+    engine = _engine(llama, "saw_int4", num_blocks=7, max_batch=6, max_step_tokens=24, reserve_output=True)
+    out, _ = _run(engine, [(0, f"r{i}", p) for i, p in enumerate(PROMPTS)])
+    assert [out[f"r{i}"] for i in range(len(PROMPTS))] == llama_refs["saw_int4"]
+    s = engine.stats()
+    assert s["num_preemptions"] == 0 and s["free_blocks"] == s["total_blocks"]

@@ -14,6 +14,8 @@ SUBCOMMANDS = {
     "eval": ("trtllm_sawint4.eval.main", "perplexity and next-token agreement of every cache format (CPU default)"),
     "calibrate": ("trtllm_sawint4.eval.calibrate", "collect per-channel K statistics into a calibration file"),
     "bench": ("trtllm_sawint4.bench", "GPU benchmark of the Triton kernels against torch SDPA"),
+    "bench-serving": ("trtllm_sawint4.serving.benchmark",
+                      "serving throughput (tokens/s, TTFT, TPOT) of the paged engine per KV format"),
     "aot": ("trtllm_sawint4.build_scripts.aot", "compile the kernels ahead of time into cubin/PTX + manifest"),
     "insert": ("trtllm_sawint4.build_scripts.insert", "rewrite an ONNX decoder's attention into saw_int4 plugin nodes"),
     "build": ("trtllm_sawint4.build_scripts.build", "build a TensorRT engine from a rewritten ONNX model"),

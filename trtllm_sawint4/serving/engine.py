@@ -53,6 +53,9 @@ class PagedEngine:
                       what the pool holds).
     decode_graphs:    "auto" (CUDA graphs for pure decode steps when the model is on CUDA), "on", "off", or
                       "static" (the graphs' padded static-buffer path run eagerly, no capture: for tests).
+    prefix_sharing:   fork running requests for waiting ones that share a prompt prefix (scheduler.py).
+    reserve_output:   admit a request only when its whole prompt + max_tokens fits besides the running ones
+                      (no preemption ever); default off: use the pool fully and preempt when it runs out.
     seed:             seeds the generators of sampled requests that give no seed of their own.
     """
 
@@ -61,7 +64,7 @@ class PagedEngine:
                  tokens_per_block: int = 64, max_seq_len: int | None = None,
                  calibration: ChannelCalibration | None = None, spec_options: dict | None = None,
                  decode_graphs: str = "auto", graph_batch_sizes: tuple[int, ...] | None = None,
-                 prefix_sharing: bool = True, seed: int = 0, eos_token_ids: tuple[int, ...] | None = None):
+                 prefix_sharing: bool = True, reserve_output: bool = False, seed: int = 0, eos_token_ids: tuple[int, ...] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -100,7 +103,7 @@ class PagedEngine:
                                   **({} if windows is None else {"windows": list(windows)}))
         self.scheduler = Scheduler(self.cache, max_batch=max_batch, max_step_tokens=max_step_tokens,
                                    watermark=max(1, num_blocks // 100) if num_blocks > 8 else 0,
-                                   prefix_sharing=prefix_sharing)
+                                   prefix_sharing=prefix_sharing, reserve_output=reserve_output)
         self.graphs = None
         if use_graphs:
             from .graphs import DecodeGraphs
@@ -151,6 +154,7 @@ class PagedEngine:
             seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
             gen = make_generator(seed, self.device)
         seq = SeqState(request_id, ids, prompt_len=len(ids), order=self._arrivals,
+                       max_len=min(len(ids) + params.max_tokens, self.max_seq_len),
                        extra=_Request(params, gen, RequestText(self.tokenizer, ids, params.stop)))
         self._arrivals += 1
         self._requests[request_id] = seq

@@ -65,9 +65,21 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.num_captures = 0
 
+    def width_bucket(self, width: int) -> int:
+        """The captured block-table width for a step whose longest sequence has `width` blocks."""
+        return min(self.max_width, 1 << max(0, (width - 1).bit_length()))
+
+    def prepare(self, max_batch: int, widths: list[int]) -> None:
+        """Capture now (not in the middle of a measurement) every batch bucket up to max_batch at these widths."""
+        for b in self.batch_sizes:
+            if b > max_batch and b != self.batch_sizes[0]:
+                break
+            for w in widths:
+                self._bucket_for(b, w)
+
     def _bucket_for(self, batch: int, width: int) -> _Bucket:
         b = self.batch_sizes[bisect.bisect_left(self.batch_sizes, batch)]
-        w = min(self.max_width, 1 << max(0, (width - 1).bit_length()))
+        w = self.width_bucket(width)
         key = (b, w)
         if key not in self.buckets:
             bucket = _Bucket(b, w, self.device, self.trash_block, self.tokens_per_block)

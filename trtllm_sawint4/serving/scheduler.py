@@ -11,7 +11,10 @@ Pure bookkeeping over the cache's block allocator (no model, no tensors), so its
   never half-written and never crashes the step; the oldest request always makes progress.
 * Waiting requests are admitted in arrival order while the step has token budget, the batch has room
   (`max_batch`) and the pool keeps `watermark` blocks free after their first chunk; nothing is admitted in
-  a step that preempted.
+  a step that preempted. With `reserve_output` (TensorRT-LLM's GUARANTEED_NO_EVICT policy) a request is
+  admitted only when the pool can also hold every running request's and its own longest possible sequence
+  (prompt + max_tokens), so nothing is ever preempted; without it (vLLM's policy, the default) the pool is
+  used fully and preemption makes room.
 * Prefix sharing by fork: a waiting request whose prompt starts with at least one block's worth of tokens
   that a running request is about to compute (or has computed exactly so far) waits for that request's
   prefill to reach the shared prefix (its chunk is cut there), then starts as a fork of it -- sharing its
@@ -35,6 +38,7 @@ class SeqState:
     tokens: list[int]  # prompt, then generated tokens
     prompt_len: int
     order: int  # arrival order (preempted requests keep theirs)
+    max_len: int = 0  # longest the sequence can grow (prompt + max_tokens, capped); 0 = unknown
     seq_id: int | None = None  # paged sequence while running
     num_cached: int = 0  # tokens of `tokens` whose K/V are in the cache
     admitted: int = -1  # admission order while running (the newest is preempted first)
@@ -76,7 +80,7 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
 
 class Scheduler:
     def __init__(self, cache: PagedKVCache, max_batch: int, max_step_tokens: int, watermark: int = 1,
-                 prefix_sharing: bool = True):
+                 prefix_sharing: bool = True, reserve_output: bool = False):
         if max_batch < 1 or max_step_tokens < 1:
             raise ValueError(f"max_batch and max_step_tokens must be >= 1, got {max_batch}, {max_step_tokens}")
         self.cache = cache
@@ -86,6 +90,7 @@ class Scheduler:
         self.max_step_tokens = max_step_tokens
         self.watermark = watermark
         self.prefix_sharing = prefix_sharing
+        self.reserve_output = reserve_output
         self.waiting: deque[SeqState] = deque()
         self.running: list[SeqState] = []  # in admission order
         self._admissions = 0
@@ -134,6 +139,8 @@ class Scheduler:
         picked: list[SeqState] = []
         preempted: list[SeqState] = []
 
+        free = self.allocator.num_free
+        decodes_left = sum(1 for s in self.running if s.remaining == 1)
         for seq in list(self.running):
             if seq not in self.running:  # preempted earlier in this pass
                 continue
@@ -141,25 +148,29 @@ class Scheduler:
                 break
             if seq.remaining == 1:
                 n = 1
+                decodes_left -= 1
             else:  # a prompt chunk leaves room for the decodes behind it
-                behind = sum(1 for s in self.running if s.admitted > seq.admitted and s.remaining == 1)
-                n = min(seq.remaining, budget - behind, self._fork_cut(seq))
+                n = min(seq.remaining, budget - max(0, decodes_left), self._fork_cut(seq))
                 if n <= 0:
                     continue
             need = self.allocator.blocks_needed(seq.seq_id, n)
-            while need > self._free(picked, plan):
+            while need > free:
                 victim = self.running[-1]
+                if victim.remaining == 1 and victim not in picked:
+                    decodes_left -= 1
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim in picked:
                     picked.remove(victim)
                     budget += plan.pop(id(victim))
+                free = self._free(picked, plan)
                 if victim is seq:
                     break
             if seq in self.running:
                 picked.append(seq)
                 plan[id(seq)] = n
                 budget -= n
+                free -= need
 
         if not preempted:
             budget = self._admit(picked, plan, forked, budget)
@@ -207,18 +218,27 @@ class Scheduler:
 
     def _admit(self, picked, plan, forked, budget: int) -> int:
         t = self.tokens_per_block
+        free = self._free(picked, plan)
+        if self.reserve_output:  # what running requests may still take, besides this step's tokens
+            free -= sum(self._growth(s, plan.get(id(s), 0)) for s in self.running)
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_batch:
                 break
             if seq.fork_parent is None and self.prefix_sharing:
-                budget += self._find_fork_parent(seq, picked, plan)
+                given_back = self._find_fork_parent(seq, picked, plan)
+                if given_back:
+                    budget += given_back
+                    free = self._free(picked, plan)
             parent = seq.fork_parent
             if parent is not None and parent.num_cached != seq.fork_at:
                 continue  # waits for its parent to reach the shared prefix; admit the ones behind it
             start = seq.fork_at if parent is not None else 0
             n = min(len(seq.tokens) - start, budget)
             need = (1 if start % t else 0) + -(-(start + n) // t) - -(-start // t)
-            if need + self.watermark > self._free(picked, plan):
+            growth = 0
+            if self.reserve_output:
+                growth = -(-max(seq.max_len, len(seq.tokens)) // t) - -(-(start + n) // t)
+            if need + growth + self.watermark > free:
                 break
             if parent is not None:
                 self._fork(seq)
@@ -230,7 +250,14 @@ class Scheduler:
             picked.append(seq)
             plan[id(seq)] = n
             budget -= n
+            free -= need + growth
         return budget
+
+    def _growth(self, seq: SeqState, n: int) -> int:
+        """Blocks a running request may still need after this step's n tokens, up to its max_len."""
+        longest = max(seq.max_len, len(seq.tokens))
+        return max(0, self.allocator.blocks_needed(seq.seq_id, max(0, longest - seq.num_cached))
+                   - self.allocator.blocks_needed(seq.seq_id, n))
 
     def _find_fork_parent(self, seq: SeqState, picked: list[SeqState], plan: dict[int, int]) -> int:
         """Link `seq` to a running request whose prefill covers a shared prefix of its prompt (at least one

@@ -1,0 +1,50 @@
+"""`sawint4 bench-serving` on the CPU at smoke-test size: the JSON, table and chart it writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from trtllm_sawint4.serving import benchmark  # noqa: E402
+
+
+def test_smoke_run_writes_points_ratios_and_chart(tmp_path, capsys):
+    rc = benchmark.main(["--arch", "tiny", "--device", "cpu", "--formats", "bf16,saw_int4", "--scenarios",
+                         "long,short", "--long-input", "120", "--long-output", "4", "--long-concurrency", "3",
+                         "--short-input", "12", "--short-output", "5", "--short-concurrency", "1,2",
+                         "--kv-budget-gib", "0.001", "--max-step-tokens", "128", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "serving_bench.json").read_text())
+    assert data["meta"]["kv_budget_bytes"] == int(0.001 * benchmark.GiB)
+    pts = {(p["scenario"], p["concurrency"], p["kv_format"]): p for p in data["points"]}
+    assert set(pts) == {(s, c, f) for s, cs in (("long", [3]), ("short", [1, 2])) for c in cs
+                        for f in ("bf16", "saw_int4")}
+    for (sc, c, fmt), p in pts.items():
+        assert p["requests"] == c and p["output_tokens"] == c * p["output_len"]
+        assert p["output_tok_s"] > 0 and p["ttft_median_s"] >= 0 and p["preemptions"] == 0
+    # the same budget holds more tokens in 4-bit: 64 / 20 bytes per vector at head_dim 32 (3.76x at 128)
+    cap = {f: pts[("short", 1, f)]["kv_capacity_tokens"] for f in ("bf16", "saw_int4")}
+    assert cap["saw_int4"] / cap["bf16"] == pytest.approx(64 / 20, rel=0.05)
+    ratios = {(r["scenario"], r["concurrency"], r["kv_format"]): r for r in data["ratios"]}
+    assert ratios[("short", 2, "bf16")]["x_vs_bf16"] == 1.0
+    assert {p["kv_format"] for p in data["profiles"]} == {"bf16", "saw_int4"}
+    assert (tmp_path / "serving_bench.png").is_file()
+    assert "| short 12/5 | 2 | saw_int4 |" in (tmp_path / "serving_bench.md").read_text()
+    assert "saw_int4 short c=2" in capsys.readouterr().out
+
+
+def test_kernel_categories_and_bad_arguments():
+    assert benchmark.kernel_category("_decode_mma_kernel") == "attention"
+    assert benchmark.kernel_category("_append_kernel") == "attention"
+    assert benchmark.kernel_category("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN") == "gemm"
+    assert benchmark.kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
+    assert benchmark.kernel_category("void at::native::vectorized_elementwise_kernel<4>") == "other"
+    with pytest.raises(SystemExit, match="--formats"):
+        benchmark.main(["--arch", "tiny", "--device", "cpu", "--formats", "fp8"])
+    with pytest.raises(SystemExit, match="--short-concurrency"):
+        benchmark.main(["--arch", "tiny", "--device", "cpu", "--short-concurrency", "0"])
+    with pytest.raises(ValueError, match="--arch"):
+        benchmark.architecture("gpt-5")

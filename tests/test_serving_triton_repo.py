@@ -52,7 +52,10 @@ def test_all_supported_inputs_map_to_sampling_params():
 
 
 @pytest.mark.parametrize("values, message", [
-    (dict(max_tokens=4), "text_input is required"),
+    (dict(max_tokens=4), "text_input (or input_ids) is required"),
+    (dict(text_input="hi", input_ids=[1, 2], max_tokens=4), "not both"),
+    (dict(input_ids=[], max_tokens=4), "input_ids must not be empty"),
+    (dict(input_ids=[5, 6], max_tokens=4, exclude_input_in_output=False), "needs text_input"),
     (dict(text_input="hi"), "max_tokens is required"),
     (dict(text_input="", max_tokens=4), "text_input must not be empty"),
     (dict(text_input="hi", max_tokens=0), "max_tokens must be an int >= 1, got 0"),
@@ -71,6 +74,11 @@ def test_all_supported_inputs_map_to_sampling_params():
 def test_bad_values_are_refused_naming_the_input(values, message):
     with pytest.raises(RequestError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_request(_request(**values))
+
+
+def test_token_id_prompts():
+    r = parse_request(_request(input_ids=[5, 6, 7], max_tokens=3, ignore_eos=True))
+    assert r.prompt == [5, 6, 7] and r.params == SamplingParams(max_tokens=3, ignore_eos=True)
 
 
 def test_wrong_types_and_batches_are_refused():
@@ -102,7 +110,8 @@ def test_config_pbtxt_declares_the_tensors_and_the_engine_config(tmp_path):
     assert parsed["model_transaction_policy"] == {"decoupled": "true"}
     ins = {t["name"]: t for t in parsed["input"]}
     assert list(ins) == [t.name for t in INPUTS]
-    assert ins["text_input"] == {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]}
+    assert ins["text_input"] == {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1], "optional": "true"}
+    assert ins["input_ids"] == {"name": "input_ids", "data_type": "TYPE_INT32", "dims": [-1], "optional": "true"}
     assert ins["max_tokens"]["data_type"] == "TYPE_INT32" and "optional" not in ins["max_tokens"]
     assert ins["stop_words"] == {"name": "stop_words", "data_type": "TYPE_STRING", "dims": [-1], "optional": "true"}
     assert [t["name"] for t in parsed["output"]] == [t.name for t in OUTPUTS] == [

@@ -6,12 +6,13 @@ submits it and turns its TokenEvents into responses -- one per event when `strea
 otherwise (which is what /generate needs). Every request gets exactly one final response, an error one
 for a bad request, and nothing raised in that thread can leave a client without it.
 
-A watcher thread (every 50 ms) aborts requests whose client cancelled or went away (`is_cancelled()`:
-gRPC cancellation, a closed HTTP connection), which frees their blocks at once; refreshes the pool gauges
-on Triton's metrics endpoint (sawint4_kv_blocks_free, ...); and, when the launcher's drain file appears
-(`sawint4 serve` got SIGTERM), aborts everything in flight and refuses new requests, so that Triton's own
-shutdown, which waits for in-flight requests, is quick. finalize() shuts the loop down and writes the
-pool's last stats (stats_file), which is how a test sees that every block came back.
+A watcher thread (every 50 ms) aborts requests whose client cancelled or went away (the response
+sender's `is_cancelled()`: gRPC cancellation, a closed HTTP connection), which frees their blocks at
+once, and, when the launcher's drain file appears (`sawint4 serve` got SIGTERM), aborts everything in
+flight and refuses new requests, so that Triton's own shutdown, which waits for in-flight requests, is
+quick. Another thread refreshes the pool gauges on Triton's metrics endpoint (sawint4_kv_blocks_free,
+...). finalize() shuts the loop down and writes the pool's last stats (stats_file), which is how a test
+sees that every block came back.
 """
 
 from __future__ import annotations
@@ -40,11 +41,15 @@ WATCH_INTERVAL_S = 0.05
 @dataclass(eq=False)
 class _Active:
     rid: str
-    request: object  # pb_utils.InferenceRequest
-    sender: object  # its response sender
+    sender: object  # the request's response sender
     spec: GenerateRequest
     cancel_requested: bool = False
     client_gone: bool = False
+    # `done` is set (under `lock`) just before the final response goes out. The watcher asks
+    # sender.is_cancelled() only under the lock while not done: after the final response Triton frees the
+    # response factory that call reads.
+    done: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     thread: threading.Thread | None = field(default=None, repr=False)
 
 
@@ -142,8 +147,11 @@ class TritonPythonModel:
         stats = self.loop.stats()
         if self._gauges:
             self._gauges.update(stats)
-        self._watcher = threading.Thread(target=self._watch, name="sawint4-watcher", daemon=True)
-        self._watcher.start()
+        self._threads = [threading.Thread(target=self._watch, name="sawint4-watcher", daemon=True)]
+        if self._gauges:
+            self._threads.append(threading.Thread(target=self._publish, name="sawint4-gauges", daemon=True))
+        for t in self._threads:
+            t.start()
         pb_utils.Logger.log_info(
             f"sawint4 engine ready in {time.perf_counter() - t0:.1f}s: kv_format={self.cfg.kv_format} "
             f"blocks={stats.get('total_blocks')} max_seq_len={stats.get('max_seq_len')} numpy={np.__version__}")
@@ -168,66 +176,68 @@ class TritonPythonModel:
             self._send(sender, _error(f"cannot read the request: {type(e).__name__}: {e}"), final=True)
             return
         rid = f"{next(self._ids)}:{request.request_id()}"
-        act = _Active(rid, request, sender, spec)
+        act = _Active(rid, sender, spec)
         with self._lock:
             self._active[rid] = act
         act.thread = threading.Thread(target=self._serve, args=(act,), name=f"sawint4-req-{rid}", daemon=True)
         act.thread.start()
 
     def _serve(self, act: _Active) -> None:
-        final_sent = False
         try:
             try:
                 events = self.loop.submit(act.rid, act.spec.prompt, act.spec.params)
             except (RequestError, RuntimeError) as e:  # a bad request; or the loop is shut down
-                self._send(act.sender, _error(str(e)), final=True)
-                final_sent = True
+                self._finish(act, _error(str(e)))
                 return
             if act.cancel_requested:  # cancelled (or drained) while it was being submitted
                 self.loop.cancel(act.rid)
-            final_sent = self._pump(act, events)
+            self._pump(act, events)
         except Exception as e:  # noqa: BLE001
             pb_utils.Logger.log_error(f"sawint4: request {act.rid} failed: {type(e).__name__}: {e}")
-            if not final_sent:
-                self._send(act.sender, _error(f"internal error: {type(e).__name__}: {e}"), final=True)
-                final_sent = True
+            self._finish(act, _error(f"internal error: {type(e).__name__}: {e}"))
         finally:
-            if not final_sent and not act.client_gone:
-                self._send(act.sender, None, final=True)
+            self._finish(act, None)  # a no-op once the final response went out
             with self._lock:
                 self._active.pop(act.rid, None)
 
-    def _pump(self, act: _Active, events) -> bool:
-        """Events -> responses; returns whether the final response went out."""
+    def _pump(self, act: _Active, events) -> None:
+        """Events -> responses, until the request's final event."""
         spec, texts, ids, n = act.spec, [], [], 0
         for ev in events:
             n += len(ev.token_ids)
             if ev.finished and ev.finish_reason == "error":
-                return self._deliver(act, _error(f"generation failed: {ev.error}"), final=True)
-            if ev.finished and ev.finish_reason == "abort" and not spec.stream:
+                self._finish(act, _error(f"generation failed: {ev.error}"))
+            elif ev.finished and ev.finish_reason == "abort" and not spec.stream:
                 why = "the server is shutting down" if self._draining else "cancelled"
-                return self._deliver(act, _error(f"request aborted ({why})"), final=True)
-            if spec.stream:
-                if ev.token_ids or ev.text or ev.finished:
-                    reason = (ev.finish_reason or "") if ev.finished else ""
-                    self._deliver(act, _response(ev.text, ev.token_ids, reason, n), final=ev.finished)
+                self._finish(act, _error(f"request aborted ({why})"))
+            elif spec.stream:
+                if ev.finished:
+                    self._finish(act, _response(ev.text, ev.token_ids, ev.finish_reason or "", n))
+                elif ev.token_ids or ev.text:
+                    self._deliver(act, _response(ev.text, ev.token_ids, "", n))
             else:
                 texts.append(ev.text)
                 ids += ev.token_ids
                 if ev.finished:
                     text = "".join(texts) if spec.exclude_input_in_output else spec.prompt + "".join(texts)
-                    return self._deliver(act, _response(text, ids, ev.finish_reason or "", n), final=True)
+                    self._finish(act, _response(text, ids, ev.finish_reason or "", n))
             if ev.finished:
-                return True
-        return False
+                return
 
-    def _deliver(self, act: _Active, response, final: bool) -> bool:
-        if act.client_gone:
-            return final
-        if not self._send(act.sender, response, final):
+    def _deliver(self, act: _Active, response) -> None:
+        """A response that is not the last one."""
+        if not act.client_gone and not self._send(act.sender, response, final=False):
             act.client_gone = True  # nobody to send to: stop generating for it
             self.loop.cancel(act.rid)
-        return final
+
+    def _finish(self, act: _Active, response) -> None:
+        """The final response (None: the final flag alone), once per request."""
+        with act.lock:
+            if act.done:
+                return
+            act.done = True
+        if not act.client_gone:
+            self._send(act.sender, response, final=True)
 
     @staticmethod
     def _send(sender, response, final: bool) -> bool:
@@ -242,7 +252,7 @@ class TritonPythonModel:
 
     # ---- cancellation, drain, gauges -----------------------------------------------------------
     def _watch(self) -> None:
-        next_stats = 0.0
+        """Cancellations and the drain file, every WATCH_INTERVAL_S."""
         while not self._stop.wait(WATCH_INTERVAL_S):
             try:
                 if self.cfg.drain_file and not self._draining and os.path.exists(self.cfg.drain_file):
@@ -250,15 +260,23 @@ class TritonPythonModel:
                 with self._lock:
                     active = list(self._active.values())
                 for act in active:
-                    if not act.cancel_requested and act.request.is_cancelled():
+                    if act.cancel_requested:
+                        continue
+                    with act.lock:
+                        cancelled = not act.done and act.sender.is_cancelled()
+                    if cancelled:
                         act.cancel_requested = True
                         self.loop.cancel(act.rid)
-                now = time.monotonic()
-                if self._gauges and now >= next_stats:
-                    self._gauges.update(self.loop.stats())
-                    next_stats = now + self.cfg.stats_interval_s
             except Exception as e:  # noqa: BLE001 - the watcher must outlive any one failure
                 pb_utils.Logger.log_error(f"sawint4 watcher: {type(e).__name__}: {e}")
+
+    def _publish(self) -> None:
+        """The pool gauges, every stats_interval_s (its own thread: stats() waits for the engine's step)."""
+        while not self._stop.wait(self.cfg.stats_interval_s):
+            try:
+                self._gauges.update(self.loop.stats())
+            except Exception as e:  # noqa: BLE001
+                pb_utils.Logger.log_error(f"sawint4 gauges: {type(e).__name__}: {e}")
 
     def _drain(self) -> None:
         with self._lock:
@@ -271,7 +289,8 @@ class TritonPythonModel:
 
     def finalize(self):
         self._stop.set()
-        self._watcher.join(5)
+        for t in self._threads:
+            t.join(5)
         self.loop.shutdown(abort=True, timeout=30)
         with self._lock:
             threads = [a.thread for a in self._active.values() if a.thread is not None]

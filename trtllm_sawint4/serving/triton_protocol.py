@@ -35,7 +35,9 @@ class TensorSpec:
 
 #: The model's inputs, in config order.
 INPUTS: tuple[TensorSpec, ...] = (
-    TensorSpec("text_input", "TYPE_STRING", (1,), False, "the prompt (UTF-8)"),
+    TensorSpec("text_input", "TYPE_STRING", (1,), True, "the prompt (UTF-8); this or input_ids is required"),
+    TensorSpec("input_ids", "TYPE_INT32", (-1,), True,
+               "the prompt as token ids, instead of text_input (a model without a tokenizer)"),
     TensorSpec("max_tokens", "TYPE_INT32", (1,), False, "tokens to generate, >= 1"),
     TensorSpec("stream", "TYPE_BOOL", (1,), True,
                "true: one response per new piece of text (generate_stream, gRPC streaming); false (default): "
@@ -99,7 +101,7 @@ _SPEC = {t.name: t for t in INPUTS}
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    prompt: str
+    prompt: str | list[int]
     params: SamplingParams
     stream: bool
     exclude_input_in_output: bool
@@ -115,12 +117,15 @@ def parse_request(get: Callable[[str], np.ndarray | None], parameters: str | dic
         names = ", ".join(sorted(map(str, extra)))
         raise RequestError(f"unknown parameter(s) {names}: the inputs of this model are {', '.join(INPUT_NAMES)}")
     values = {name: _read(name, get(name)) for name in INPUT_NAMES}
-    for name in ("text_input", "max_tokens"):
-        if values[name] is None:
-            raise RequestError(f"{name} is required")
-    prompt = values["text_input"]
+    if values["text_input"] is None and values["input_ids"] is None:
+        raise RequestError("text_input (or input_ids) is required")
+    if values["text_input"] is not None and values["input_ids"] is not None:
+        raise RequestError("give text_input or input_ids, not both")
+    if values["max_tokens"] is None:
+        raise RequestError("max_tokens is required")
+    prompt = values["text_input"] if values["text_input"] is not None else values["input_ids"]
     if not prompt:
-        raise RequestError("text_input must not be empty")
+        raise RequestError("text_input must not be empty" if isinstance(prompt, str) else "input_ids must not be empty")
     for name, (accepted, why) in _NO_OP_ONLY.items():
         v = values[name]
         if v is not None and v not in accepted:
@@ -147,8 +152,10 @@ def parse_request(get: Callable[[str], np.ndarray | None], parameters: str | dic
     except ValueError as e:
         raise RequestError(str(e)) from None
     stream = bool(values["stream"]) if values["stream"] is not None else False
-    exclude = values["exclude_input_in_output"]
-    return GenerateRequest(prompt, params, stream, True if exclude is None else bool(exclude))
+    exclude = True if values["exclude_input_in_output"] is None else values["exclude_input_in_output"]
+    if not exclude and not isinstance(prompt, str):
+        raise RequestError("exclude_input_in_output=false needs text_input (the prompt's text)")
+    return GenerateRequest(prompt, params, stream, exclude)
 
 
 def _read(name: str, array: np.ndarray | None):

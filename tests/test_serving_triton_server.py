@@ -37,7 +37,7 @@ try:
     launcher.find_triton()
     _SKIP = None
 except launcher.ServeError as e:
-    _SKIP = f"tritonserver not installed ({e})"
+    _SKIP = str(e)
 if _SKIP is None and int(np.__version__.split(".")[0]) >= 2:
     _SKIP = "numpy>=2 here: the bundled Triton Python backend needs numpy<2 (install the [serve] extra)"
 if _SKIP is None:

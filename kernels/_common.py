@@ -20,7 +20,7 @@ STORAGE_CODE = {"bf16": 0, "int8": 1, "int4": 2}
 
 
 def _patch_interpreter() -> None:
-    """Triton 3.6's interpreter turns a scalar into a Python int with int(1-element array), which
+    """Triton 3.5/3.6's interpreter turns a scalar into a Python int with int(1-element array), which
     numpy >= 2.3 refuses; loop bounds loaded from memory then fail. Read the element instead."""
     try:
         from triton.runtime import interpreter as _interp
@@ -30,9 +30,13 @@ def _patch_interpreter() -> None:
         return
     orig = _interp._patch_lang_tensor
 
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    def patched(tensor, *scope):  # (tensor, scope) from Triton 3.6, (tensor) in 3.5
+        orig(tensor, *scope)
+        index = lambda self: int(self.handle.data.reshape(-1)[0])  # noqa: E731
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     _interp._patch_lang_tensor = patched
     _interp._sawint4_patched = True

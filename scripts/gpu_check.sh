@@ -7,6 +7,9 @@
 #   scripts/gpu_check.sh sanitizers  compute-sanitizer memcheck/initcheck (sanitizer subset), racecheck (its smem kernels);
 #                                    SANITIZER_TOOLS="memcheck" picks tools
 #   scripts/gpu_check.sh bench       sawint4 bench (full default grid)
+#   scripts/gpu_check.sh serving     the serving engine's GPU tests (tests/gpu/test_serving_gpu.py)
+#   scripts/gpu_check.sh bench-serving-long | bench-serving-short
+#                                    sawint4 bench-serving, Qwen3-8B shapes, one scenario per call (docs/serving.md)
 # Logs go to $OUT (or ./gpu_out).
 set -uo pipefail
 out=${OUT:-gpu_out}
@@ -19,7 +22,8 @@ case "${1:-tests}" in
     workers=()
     python3 -c "import xdist" 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-6}")
     timeout 580 python3 -m pytest -m gpu -q -p no:cacheprovider "${workers[@]}" tests/gpu/test_kernels_gpu.py \
-      tests/gpu/test_aot_launcher_gpu.py tests/gpu/test_model_gpu.py tests/gpu/test_reliability_gpu.py -rfE \
+      tests/gpu/test_aot_launcher_gpu.py tests/gpu/test_model_gpu.py tests/gpu/test_reliability_gpu.py \
+      tests/gpu/test_trtllm_gpu.py -rfE \
       2>&1 | tee "$out/gpu_tests.txt" | tail -40
     ;;
   soak)
@@ -40,5 +44,17 @@ case "${1:-tests}" in
     ;;
   bench)
     timeout 420 sawint4 bench --out "$out/bench" 2>&1 | tee "$out/bench.txt" | tail -60
+    ;;
+  serving)
+    timeout 580 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_serving_gpu.py -rfE \
+      2>&1 | tee "$out/serving_tests.txt" | tail -40
+    ;;
+  bench-serving-long)
+    timeout 580 sawint4 bench-serving --scenarios long ${BENCH_SERVING_ARGS:-} --out "$out/serving_long" 2>&1 \
+      | tee "$out/bench_serving_long.txt" | tail -40
+    ;;
+  bench-serving-short)
+    timeout 580 sawint4 bench-serving --scenarios short ${BENCH_SERVING_ARGS:-} --out "$out/serving_short" 2>&1 \
+      | tee "$out/bench_serving_short.txt" | tail -40
     ;;
 esac

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from tiny_models import KINDS, VOCAB, CharTokenizer, reference_greedy, tiny_model  # noqa: E402
+from trtllm_sawint4.integrations.transformers import paged_cache_has_windows  # noqa: E402
 from trtllm_sawint4.serving.api import RequestError, SamplingParams  # noqa: E402
 from trtllm_sawint4.serving.engine import PagedEngine  # noqa: E402
 
@@ -322,3 +323,19 @@ def test_reserve_output_admits_without_preemption(llama, llama_refs):
     assert [out[f"r{i}"] for i in range(len(PROMPTS))] == llama_refs["saw_int4"]
     s = engine.stats()
     assert s["num_preemptions"] == 0 and s["free_blocks"] == s["total_blocks"]
+
+
+@pytest.mark.skipif(not paged_cache_has_windows(), reason="this PagedKVCache has no per-layer windows")
+@pytest.mark.parametrize("kind", ["gemma3", "mistral"])
+@pytest.mark.parametrize("fmt", ["bf16", "saw_int4"])
+def test_sliding_window_models(kind, fmt):
+    """Windows of 12 positions, sequences of up to 40: the engine equals generate() (bf16: stock)."""
+    model = tiny_model(kind, sliding_window=12)
+    prompts = [PROMPTS[1], PROMPTS[5], PROMPTS[2]]
+    refs = [reference_greedy(model, p, N_OUT, fmt, T) for p in prompts]
+    if fmt == "bf16":
+        assert refs == [reference_greedy(model, p, N_OUT, None) for p in prompts]
+    engine = _engine(model, fmt, max_batch=3, max_step_tokens=16)
+    assert engine.cache.windows is not None and 12 in list(engine.cache.windows)
+    out, _ = _run(engine, [(2 * i, f"r{i}", p) for i, p in enumerate(prompts)])
+    assert [out[f"r{i}"] for i in range(len(prompts))] == refs

@@ -110,7 +110,7 @@ def kv_geometry(config) -> KVGeometry:
     return KVGeometry(n, heads, kv_heads, head_dim, windows)
 
 
-def _paged_windows(geometry: KVGeometry, max_seq_len: int) -> tuple[int, ...] | None:
+def paged_windows(geometry: KVGeometry, max_seq_len: int) -> tuple[int, ...] | None:
     """The `windows` argument for PagedKVCache, or None where every layer is full attention for sequences of
     up to max_seq_len tokens (a window of W >= max_seq_len positions is full causal attention)."""
     windows = tuple(w if 0 < w < max_seq_len else 0 for w in geometry.windows)
@@ -134,6 +134,13 @@ def _model_dims(config) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of a decoder config."""
     g = kv_geometry(config)
     return g.num_layers, g.num_kv_heads, g.head_dim
+
+
+def default_calibration(model, spec: KVCacheSpec) -> ChannelCalibration | None:
+    """The calibration a cache for `model` in format `spec` gets when the caller gives none. Every cache built
+    from a model (SawInt4Cache, the serving engine) takes it from here, so that they store the same format.
+    Today: none (the spec's own transforms)."""
+    return None
 
 
 def spec_for_config(config, kv_format: str = "saw_int4", **options) -> KVCacheSpec:
@@ -211,6 +218,8 @@ class SawInt4Cache(Cache):
         if isinstance(config, torch.nn.Module):
             if device is None:
                 device = next(config.parameters()).device
+            if calibration is None and paged is None:
+                calibration = default_calibration(config, spec or spec_for_config(config.config))
             config = config.config
         self.config = config
         if paged is None:
@@ -226,7 +235,7 @@ class SawInt4Cache(Cache):
             if max_tokens < 1 or batch_size < 1:
                 raise ValueError(f"max_tokens and batch_size must be >= 1, got {max_tokens}, {batch_size}")
             blocks = batch_size * math.ceil(max_tokens / spec.tokens_per_block)
-            windows = _paged_windows(geometry, max_tokens)
+            windows = paged_windows(geometry, max_tokens)
             paged = PagedKVCache(spec, num_layers, blocks, device=device or "cpu", calibration=calibration,
                                  **({} if windows is None else {"windows": list(windows)}))
         elif spec is not None and spec != paged.spec:

@@ -199,15 +199,13 @@ def profile_decode_step(engine, steps: int = 3) -> tuple[dict, list]:
             sync()
     finally:
         engine.graphs = graphs
+    from torch.autograd import DeviceType
+
     device_us = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
-    for e in prof.key_averages():
-        us = getattr(e, "self_device_time_total", None)
-        if us is None:
-            us = getattr(e, "self_cuda_time_total", 0.0)
-        if us and e.key not in ("", None) and not e.key.startswith(("cuda", "aten::", "Memcpy", "Memset")):
-            device_us[kernel_category(e.key)] += us
-        elif us and e.key.startswith(("Memcpy", "Memset")):
-            device_us["other"] += us
+    for e in prof.events():  # device-side events only: kernels, copies, memsets
+        if e.device_type != DeviceType.CPU:
+            us = getattr(e, "device_time_total", None)
+            device_us[kernel_category(e.name)] += us if us is not None else e.cuda_time_total
     total_ms = sum(device_us.values()) / 1e3
     out = dict(batch=batch, replayed_step_ms=step_ms, eager_device_ms=total_ms,
                **{f"{k}_ms": v / 1e3 for k, v in device_us.items()})
@@ -330,7 +328,9 @@ def write_chart(points: list[dict], path: Path) -> bool:
 
 def add_arguments(p) -> None:
     p.add_argument("--arch", default="qwen3-8b", help="qwen3-8b (default), llama3.1-8b, or tiny (CPU smoke test)")
-    p.add_argument("--formats", default=",".join(FORMATS), help="KV formats, comma-separated (default: all)")
+    p.add_argument("--formats", default="bf16,saw_int4,int4",
+                   help="KV formats in run order, comma-separated (default bf16,saw_int4,int4: the headline ratio "
+                        "first, should a time limit cut the run short)")
     p.add_argument("--scenarios", default="long,short", help="long and/or short (default: both)")
     p.add_argument("--long-input", type=int, default=16384)
     p.add_argument("--long-output", type=int, default=1024)
@@ -394,11 +394,18 @@ def run(args) -> int:
     model = random_model(config, device, dtype)
     if args.kv_budget_gib is not None:
         budget, budget_note = int(args.kv_budget_gib * GiB), f"{args.kv_budget_gib} GiB (--kv-budget-gib)"
+    elif args.arch == "tiny":
+        budget, budget_note = 64 << 20, "64 MiB (the tiny smoke-test model's default)"
     else:
         budget, budget_note = default_kv_budget(model)
         if budget <= 0:
             raise SystemExit("sawint4 bench-serving: this model leaves no KV budget on an 80 GB GPU; "
                              "give --kv-budget-gib")
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if budget + 2 * GiB > free:
+            raise SystemExit(f"sawint4 bench-serving: the KV budget ({budget / GiB:.1f} GiB) and 2 GiB of activations "
+                             f"do not fit the {free / GiB:.1f} GiB left on {device} after the weights")
     max_conc = max(c for sc in scenarios for c in sc.concurrency)
     longest = max(sc.input_len + sc.output_len for sc in scenarios)
     meta = dict(arch=args.arch, device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
@@ -422,8 +429,12 @@ def run(args) -> int:
                              max_seq_len=longest, prefix_sharing=False, reserve_output=True,
                              decode_graphs="off" if args.no_graphs else "auto", seed=args.seed)
         capacity = (engine.cache.allocator.num_blocks - engine.reserved_blocks) * args.tokens_per_block
-        # compile every kernel (prefill, append, decode) and capture the decode graphs outside the timed loop
-        engine.generate([p[:64] for p in prompts[scenarios[0].name][:2]], SamplingParams(max_tokens=4, ignore_eos=True))
+        # compile every kernel variant the runs will meet (full and partial prefill chunks, mixed steps, decode)
+        # and capture the decode graphs, outside the timed loops
+        warm_params = SamplingParams(max_tokens=4, ignore_eos=True)
+        for sc in scenarios:
+            n = min(sc.input_len, args.max_step_tokens + 17)
+            engine.generate([p[:n] for p in prompts[sc.name][:2]], warm_params)
         if engine.graphs is not None:
             for sc in scenarios:
                 engine.graphs.prepare(max(sc.concurrency), _graph_widths(engine, sc.input_len, sc.output_len))
@@ -449,16 +460,22 @@ def run(args) -> int:
                 res = run_point(engine, prompts[sc.name][:n], sc.output_len, conc,
                                 on_steady=None if args.no_profile or conc != max(sc.concurrency) else on_steady)
                 after = engine.stats()
+                steps = max(1, after["steps"] - before["steps"])
+                host = {f"{k}_ms_per_step": 1e3 * (after[f"{k}_s"] - before[f"{k}_s"]) / steps
+                        for k in ("schedule", "plan", "forward", "step")}
                 point = dict(scenario=sc.name, input_len=sc.input_len, output_len=sc.output_len, concurrency=conc,
                              kv_format=fmt, kv_capacity_tokens=capacity, warmup_s=warm,
-                             preemptions=after["num_preemptions"] - before["num_preemptions"], **res)
+                             preemptions=after["num_preemptions"] - before["num_preemptions"],
+                             graph_steps=after["graph_steps"] - before["graph_steps"], **host, **res)
                 report.add(point)
                 if profile is not None:
                     report.profiles.append(dict(scenario=sc.name, concurrency=conc, kv_format=fmt, **profile))
                     report.write()
                 log(f"{sc.name} {sc.input_len}/{sc.output_len} c={conc} {fmt}: {res['output_tok_s']:.1f} out tok/s, "
                     f"TTFT {res['ttft_median_s']:.3f}/{res['ttft_p90_s']:.3f} s, TPOT {res['tpot_median_ms']:.2f}/"
-                    f"{res['tpot_p90_ms']:.2f} ms, peak running {res['peak_running']}, {res['wall_s']:.1f} s")
+                    f"{res['tpot_p90_ms']:.2f} ms, peak running {res['peak_running']}, {res['wall_s']:.1f} s; per step: "
+                    f"schedule {host['schedule_ms_per_step']:.2f} + plan {host['plan_ms_per_step']:.2f} + forward and "
+                    f"sampling {host['forward_ms_per_step']:.2f} ms")
                 if profile is not None and "attention_frac" in profile:
                     log(f"   profile of a decode step at batch {profile['batch']}: replayed {profile['replayed_step_ms']:.2f}"
                         f" ms; eager device {profile['eager_device_ms']:.2f} ms = attention "

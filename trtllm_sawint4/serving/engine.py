@@ -19,7 +19,7 @@ import torch
 
 from ..cache import PagedKVCache
 from ..calibration import ChannelCalibration
-from ..integrations.transformers import _paged_windows, kv_geometry
+from ..integrations.transformers import default_calibration, kv_geometry, paged_windows
 from ..spec import KVCacheSpec
 from .api import RequestError, SamplingParams, TokenEvent
 from .runner import Step, forward_step, use_engine_attention
@@ -98,7 +98,9 @@ class PagedEngine:
         if num_blocks - reserved < 1:
             raise ValueError(f"num_blocks must be >= {reserved + 1}, got {num_blocks}")
         self.max_seq_len = min(limit, (num_blocks - reserved) * t)
-        windows = _paged_windows(self.geometry, self.max_seq_len)
+        windows = paged_windows(self.geometry, self.max_seq_len)
+        if calibration is None:  # the format model.generate() with SawInt4Cache stores
+            calibration = default_calibration(model, self.spec)
         self.cache = PagedKVCache(self.spec, layers, num_blocks, device=self.device, calibration=calibration,
                                   **({} if windows is None else {"windows": list(windows)}))
         self.scheduler = Scheduler(self.cache, max_batch=max_batch, max_step_tokens=max_step_tokens,
@@ -116,8 +118,9 @@ class PagedEngine:
         self._requests: dict[str, SeqState] = {}
         self._events: list[TokenEvent] = []
         self._arrivals = 0
+        # host-side seconds per phase (schedule, plan, forward + sampling up to the sampled ids on the host)
         self.counters = dict(steps=0, decode_steps=0, graph_steps=0, prefill_tokens=0, decode_tokens=0,
-                             forward_s=0.0, step_s=0.0, errors=0)
+                             schedule_s=0.0, plan_s=0.0, forward_s=0.0, step_s=0.0, errors=0)
 
     @staticmethod
     def _eos_ids(model, tokenizer) -> tuple[int, ...]:
@@ -205,10 +208,13 @@ class PagedEngine:
         if not sched.seqs:
             return events
         seqs, counts = sched.seqs, sched.num_new_tokens
+        t_plan = time.perf_counter()
+        self.counters["schedule_s"] += t_plan - t0
         try:
             plan = self.cache.plan([s.seq_id for s in seqs], counts)
         except Exception as e:  # the schedule fits the pool by construction: this is a bug, not a bad request
             return events + self._fail(seqs, e)
+        self.counters["plan_s"] += time.perf_counter() - t_plan
         ids, pos, rows, samplers = [], [], [], []
         for s, n in zip(seqs, counts):
             ids += s.tokens[s.num_cached:s.num_cached + n]
@@ -218,6 +224,7 @@ class PagedEngine:
                 samplers.append(s)
         decode = plan.is_decode and len(rows) == len(seqs)
         t1 = time.perf_counter()
+        use_engine_attention(self.model)  # the model may be shared (e.g. generate() switched it meanwhile)
         try:
             with torch.inference_mode():
                 if decode and self.graphs is not None:

@@ -71,11 +71,12 @@ class DecodeGraphs:
 
     def prepare(self, max_batch: int, widths: list[int]) -> None:
         """Capture now (not in the middle of a measurement) every batch bucket up to max_batch at these widths."""
-        for b in self.batch_sizes:
-            if b > max_batch and b != self.batch_sizes[0]:
-                break
-            for w in widths:
-                self._bucket_for(b, w)
+        with torch.inference_mode():
+            for b in self.batch_sizes:
+                if b > max_batch and b != self.batch_sizes[0]:
+                    break
+                for w in widths:
+                    self._bucket_for(b, w)
 
     def _bucket_for(self, batch: int, width: int) -> _Bucket:
         b = self.batch_sizes[bisect.bisect_left(self.batch_sizes, batch)]

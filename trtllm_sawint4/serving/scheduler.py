@@ -218,6 +218,12 @@ class Scheduler:
 
     def _admit(self, picked, plan, forked, budget: int) -> int:
         t = self.tokens_per_block
+        if not self.waiting or len(self.running) >= self.max_batch or budget <= 0:
+            return budget
+        first = self.waiting[0]
+        if first.fork_parent is None and not self.prefix_sharing and \
+                -(-min(len(first.tokens), budget) // t) + self.watermark > self.allocator.num_free:
+            return budget  # the head of the queue cannot start even in an empty step: skip the full count
         free = self._free(picked, plan)
         if self.reserve_output:  # what running requests may still take, besides this step's tokens
             free -= sum(self._growth(s, plan.get(id(s), 0)) for s in self.running)

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "aot": ("trtllm_sawint4.build_scripts.aot", "compile the kernels ahead of time into cubin/PTX + manifest"),
     "insert": ("trtllm_sawint4.build_scripts.insert", "rewrite an ONNX decoder's attention into saw_int4 plugin nodes"),
     "build": ("trtllm_sawint4.build_scripts.build", "build a TensorRT engine from a rewritten ONNX model"),
+    "serve": ("trtllm_sawint4.serving.serve", "serve a model with the paged cache in a real Triton Inference Server"),
     "trtllm": ("trtllm_sawint4.integrations.tensorrt_llm.cli",
                "TensorRT-LLM AutoDeploy: LLM(...) args, trtllm-serve YAML, Triton repo, worker hook"),
 }

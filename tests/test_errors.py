@@ -133,7 +133,7 @@ def _planned(**over):
     from trtllm_sawint4.kernels.config import DEFAULT
     from trtllm_sawint4.kernels.schedule import decode_shape, plan_decode
 
-    args = _decode_args(**over)
+    args = dict(_decode_args(**over), hadamard_block=0, window=0)
     shape = decode_shape(args["pool"], args["block_table"].shape, 4, 64, args["query"].dtype, "int4", "fp16",
                          False, True)
     sched = plan_decode(shape, DEFAULT.decode, 132, gluon_available=False)
@@ -142,18 +142,33 @@ def _planned(**over):
 
 def test_a_schedule_planned_for_another_call_is_rejected():
     args, sched = _planned()
-    ops.decode(**args, schedule=sched.to_list(), workspace=sched.workspace("cpu"))  # the right one runs
+    ops.decode_planned(**args, schedule=sched.to_list(), workspace=sched.workspace("cpu"))  # the right one runs
     with pytest.raises(ValueError, match="schedule: was planned for"):
-        ops.decode(**dict(args, block_table=torch.tensor([[0, 1, 2], [3, 0, 0]], dtype=torch.int32)),
+        ops.decode_planned(**dict(args, block_table=torch.tensor([[0, 1, 2], [3, 0, 0]], dtype=torch.int32)),
                    schedule=sched.to_list(), workspace=sched.workspace("cpu"))
     with pytest.raises(ValueError, match="schedule: was planned for"):
-        ops.decode(**dict(args, query=args["query"].half()), schedule=sched.to_list(), workspace=sched.workspace("cpu"))
+        ops.decode_planned(**dict(args, query=args["query"].half()), schedule=sched.to_list(), workspace=sched.workspace("cpu"))
     with pytest.raises(ValueError, match="schedule"):
-        ops.decode(**args, schedule=[7, 1, 2], workspace=sched.workspace("cpu"))
+        ops.decode_planned(**args, schedule=[7, 1, 2], workspace=sched.workspace("cpu"))
     if sched.workspace_elems:
         with pytest.raises(ValueError, match="workspace"):
-            ops.decode(**args, schedule=sched.to_list(), workspace=torch.empty(1))
+            ops.decode_planned(**args, schedule=sched.to_list(), workspace=torch.empty(1))
         with pytest.raises(ValueError, match="workspace"):
-            ops.decode(**args, schedule=sched.to_list())
-    with pytest.raises(ValueError, match="workspace"):
-        ops.decode(**args, workspace=torch.empty(8))
+            ops.decode_planned(**args, schedule=sched.to_list(), workspace=None)
+
+
+def test_no_op_has_a_mutated_argument_with_a_default():
+    """torch 2.11's custom-op wrapper finds a mutated argument by position without filling in defaults, so
+    one with a default breaks every call that leaves it out (IndexError before the op runs)."""
+    import trtllm_sawint4.integrations.tensorrt_llm.ops  # noqa: F401  (registers the TensorRT-LLM ops)
+    names = [n for n in dir(torch.ops.sawint4) if not n.startswith("_")]
+    ops_seen = 0
+    for name in names:
+        packet = getattr(torch.ops.sawint4, name)
+        if not isinstance(packet, torch._ops.OpOverloadPacket):
+            continue
+        ops_seen += 1
+        for arg in packet.default._schema.arguments:
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                assert not arg.has_default_value(), f"sawint4::{name}: mutated argument {arg.name} has a default"
+    assert ops_seen >= 6

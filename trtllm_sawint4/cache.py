@@ -298,8 +298,12 @@ class PagedKVCache:
         storage, meta = self.spec.storage, self.spec.metadata_dtype
         if plan.is_decode:
             schedule, workspace = self._decode_launch(plan, window, query)
-            return torch.ops.sawint4.decode(query, pool, plan.block_table, plan.seq_lens, tf.q_matrix, tf.v_matrix,
-                                            scale, storage, meta, tf.hadamard_block, window, schedule, workspace, True)
+            if schedule is None:  # no kernel to plan for (the reference on CPU)
+                return torch.ops.sawint4.decode(query, pool, plan.block_table, plan.seq_lens, tf.q_matrix,
+                                                tf.v_matrix, scale, storage, meta, tf.hadamard_block, window, True)
+            return torch.ops.sawint4.decode_planned(query, pool, plan.block_table, plan.seq_lens, tf.q_matrix,
+                                                    tf.v_matrix, scale, storage, meta, tf.hadamard_block, window,
+                                                    schedule, workspace, True)
         return torch.ops.sawint4.prefill(query, pool, plan.block_table, plan.seq_lens, plan.query_start_loc,
                                          tf.q_matrix, tf.v_matrix, scale, storage, meta, tf.hadamard_block, window,
                                          True)

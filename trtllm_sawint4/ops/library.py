@@ -1,4 +1,4 @@
-"""`torch.ops.sawint4.{append,decode,prefill}`: the public custom ops, the one entry every consumer
+"""`torch.ops.sawint4.{append,decode,decode_planned,prefill}`: the public custom ops, the one entry every consumer
 uses (PagedKVCache, the transformers and TensorRT-LLM integrations, the TensorRT plugins' JIT path,
 the onnxruntime ops).
 
@@ -12,10 +12,15 @@ True for tensors it did not validate gets undefined behaviour, as with any unche
 dtype and device checks always run.
 
 `window` > 0 is sliding-window attention (a query at position p sees p - window < j <= p).
-decode's `schedule` (DecodeSchedule.to_list()) and `workspace` (fp32, at least
-schedule.workspace_elems values) are the launch a plan decided (kernels/schedule.py); the kernel
-then only launches, which is what a CUDA graph of a decode step needs. Without them the kernel plans
-itself from the shipped config. The reference ignores both.
+
+`decode` plans its own launch from the shipped config. `decode_planned` takes the launch a plan
+decided: `schedule` (DecodeSchedule.to_list()) and `workspace` (fp32, at least
+schedule.workspace_elems values, or None when the schedule needs none; kernels/schedule.py), so the
+kernel only launches, which is what a CUDA graph of a decode step needs. They are two ops, not one
+with optional arguments, because the workspace is written (a declared mutation) and torch 2.11's
+custom-op wrapper looks a mutated argument up by position without filling in defaults: a mutable
+argument with a default breaks every call that leaves it out. In `decode_planned` neither has a
+default. The reference ignores both.
 
 The fake implementations (shape checks, then empty outputs) make the ops traceable by torch.compile.
 """
@@ -31,11 +36,7 @@ from . import checks, dispatch, reference
 
 
 def _check_schedule(schedule, workspace, query, pool, block_table, q_matrix, v_matrix, storage, meta_dtype,
-                    hadamard_block, window) -> DecodeSchedule | None:
-    if schedule is None:
-        if workspace is not None:
-            checks.fail("workspace", "is given without a schedule (pass both, from the same plan)")
-        return None
+                    hadamard_block, window) -> DecodeSchedule:
     try:
         sched = DecodeSchedule.from_list(schedule)
     except ValueError as e:
@@ -77,16 +78,12 @@ def _(pool, key, value, slot_mapping, k_matrix, k_bias, v_matrix, storage, meta_
                         hadamard_block)
 
 
-@torch.library.custom_op("sawint4::decode", mutates_args=("workspace",))
-def decode(query: Tensor, pool: Tensor, block_table: Tensor, seq_lens: Tensor, q_matrix: Tensor | None,
-           v_matrix: Tensor | None, scale: float, storage: str, meta_dtype: str, hadamard_block: int = 0,
-           window: int = 0, schedule: list[int] | None = None, workspace: Tensor | None = None,
-           skip_device_checks: bool = False) -> Tensor:
-    """One query per sequence over its paged cache (see reference.py)."""
+def _decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, storage, meta_dtype, hadamard_block,
+            window, schedule, workspace, skip_device_checks) -> Tensor:
     t = checks.check_attention(query, pool, block_table, seq_lens, None, q_matrix, v_matrix, scale, storage,
                                meta_dtype, hadamard_block, window)
-    sched = _check_schedule(schedule, workspace, query, pool, block_table, q_matrix, v_matrix, storage, meta_dtype,
-                            hadamard_block, window)
+    sched = None if schedule is None else _check_schedule(schedule, workspace, query, pool, block_table, q_matrix,
+                                                          v_matrix, storage, meta_dtype, hadamard_block, window)
     if not skip_device_checks:
         checks.check_attention_indices(pool, block_table, seq_lens, None, query.shape[0], t)
         checks.check_hadamard_form(hadamard_block, q_matrix=q_matrix, v_matrix=v_matrix)
@@ -98,12 +95,44 @@ def decode(query: Tensor, pool: Tensor, block_table: Tensor, seq_lens: Tensor, q
                   window, schedule=sched, workspace=workspace)
 
 
-@decode.register_fake
-def _(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, storage, meta_dtype, hadamard_block=0,
-      window=0, schedule=None, workspace=None, skip_device_checks=False):
+def _decode_fake(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, storage, meta_dtype, hadamard_block,
+                 window):
     checks.check_attention(query, pool, block_table, seq_lens, None, q_matrix, v_matrix, scale, storage, meta_dtype,
                            hadamard_block, window)
     return torch.empty_like(query)
+
+
+@torch.library.custom_op("sawint4::decode", mutates_args=())
+def decode(query: Tensor, pool: Tensor, block_table: Tensor, seq_lens: Tensor, q_matrix: Tensor | None,
+           v_matrix: Tensor | None, scale: float, storage: str, meta_dtype: str, hadamard_block: int = 0,
+           window: int = 0, skip_device_checks: bool = False) -> Tensor:
+    """One query per sequence over its paged cache (see reference.py); the kernel plans its own launch."""
+    return _decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, storage, meta_dtype,
+                   hadamard_block, window, None, None, skip_device_checks)
+
+
+@decode.register_fake
+def _(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, storage, meta_dtype, hadamard_block=0,
+      window=0, skip_device_checks=False):
+    return _decode_fake(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, storage, meta_dtype,
+                        hadamard_block, window)
+
+
+@torch.library.custom_op("sawint4::decode_planned", mutates_args=("workspace",))
+def decode_planned(query: Tensor, pool: Tensor, block_table: Tensor, seq_lens: Tensor, q_matrix: Tensor | None,
+                   v_matrix: Tensor | None, scale: float, storage: str, meta_dtype: str, hadamard_block: int,
+                   window: int, schedule: list[int], workspace: Tensor | None,
+                   skip_device_checks: bool = False) -> Tensor:
+    """decode with the schedule and workspace a plan decided (PagedKVCache.plan); writes `workspace`."""
+    return _decode(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, storage, meta_dtype,
+                   hadamard_block, window, schedule, workspace, skip_device_checks)
+
+
+@decode_planned.register_fake
+def _(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, storage, meta_dtype, hadamard_block, window,
+      schedule, workspace, skip_device_checks=False):
+    return _decode_fake(query, pool, block_table, seq_lens, q_matrix, v_matrix, scale, storage, meta_dtype,
+                        hadamard_block, window)
 
 
 @torch.library.custom_op("sawint4::prefill", mutates_args=())

@@ -49,6 +49,8 @@ if _SKIP is None:
         import tritonclient.grpc  # noqa: F401
     except (EvalError, ImportError) as e:
         _SKIP = f"the served model or a client is missing: {e}"
+if _SKIP and os.environ.get("SAWINT4_REQUIRE_TRITON_SERVER") == "1":  # CI's server step: a skip hides a broken install
+    raise RuntimeError(f"SAWINT4_REQUIRE_TRITON_SERVER=1 but: {_SKIP}")
 if _SKIP:
     pytestmark.append(pytest.mark.skip(reason=_SKIP))
 

@@ -164,6 +164,8 @@ def main():
              [700, 1, 3001, 64, 2048], [300, 1, 129, 64, 2048], 1, True),
             ("window63 saw_int4 rotate_v D128", "saw_int4", 128, 8, 32, 64,
              [700, 1, 3001, 64, 2048], [300, 1, 129, 64, 2048], 63, True),
+            ("full attention saw_int4 rotate_v D128 (decode: Gluon)", "saw_int4", 128, 8, 32, 64,
+             [700, 1, 3001, 64, 2048], [300, 1, 129, 64, 2048], 0, True),
             ("mixed-step prefill saw_int4 D128 k*2+0.3 (test_trtllm)", "saw_int4", 128, 8, 32, 64,
              [300, 130, 64], [300, 130, 64], 0, False, 2.0, 0.3),
             ("mixed-step prefill int4 D128 k*2+0.3", "int4", 128, 8, 32, 64,

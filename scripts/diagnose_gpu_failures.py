@@ -152,6 +152,16 @@ def engine_case(kind, fmt, graphs):
     return {"case": f"engine {kind} {fmt} graphs={graphs}", "all_equal": got == [r[0] for r in refs], "prompts": rows}
 
 
+def _save(out_dir, results, t0):
+    """Write the JSON so far (after every case: a run cut short by a timeout keeps what it measured)."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "diagnose_gpu_failures.json")
+    with open(path, "w") as f:
+        json.dump({"cuda": CUDA, "device": torch.cuda.get_device_name() if CUDA else "cpu",
+                   "seconds": time.perf_counter() - t0, "results": results}, f, indent=1)
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -182,6 +192,7 @@ def main():
     for c in kcases:
         r = kernel_case(*c)
         results.append(r)
+        _save(args.out, results, t0)
         for part in ("decode", "prefill", "decode_vs_prefill_kernel"):
             e = r[part]
             print(f"{r['case']:<58} {part:<24} max {e['max_abs']:.4f} at {e['at']} (want {e['want_at']:+.3f}) "
@@ -197,6 +208,7 @@ def main():
         for kind, fmt, graphs in combos:
             r = engine_case(kind, fmt, graphs)
             results.append(r)
+            _save(args.out, results, t0)
             print(f"{r['case']:<40} all_equal {r['all_equal']}")
             for row in r["prompts"]:
                 if row["first_divergence"] is not None:
@@ -204,13 +216,7 @@ def main():
                           f"{row['first_divergence']}, "
                           f"generate margin top1-top2 {row['generate_margin_top1_top2']:.4f}, gap to engine's token "
                           f"{row['generate_logit_gap_to_engine_token']:.4f}, logit std {row['logit_std']:.2f}")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "diagnose_gpu_failures.json")
-    with open(path, "w") as f:
-        json.dump({"cuda": CUDA, "device": torch.cuda.get_device_name() if CUDA else "cpu",
-                   "seconds": time.perf_counter() - t0, "results": results}, f, indent=1)
-    print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
-
+    print(f"wrote {_save(args.out, results, t0)} ({time.perf_counter() - t0:.0f} s)")
 
 if __name__ == "__main__":
     main()

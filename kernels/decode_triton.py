@@ -5,7 +5,7 @@ tl.dot) and walks tiles of BLOCK_N tokens of its split of the context. Each KV b
 Dequantization is folded into the dot products (codes are exact in bf16/fp16):
 
     q . k_t   = s_t * (q . c_t) + m_t * sum(q)
-    sum_t p_t v_t = (p * s) @ C + (p . m)
+    sum_t p_t v_t = (p * s) @ C + (p * s) . (m / s)     (p * s rounded once: _tiles._v_weights)
 
 so the codes feed the tensor cores directly. Splits write partial outputs that kernels/_reduce.py
 merges. The schedule (split count, tile, warps, ...) comes from kernels/schedule.py: host-side
@@ -20,7 +20,7 @@ import triton.language as tl
 from ._common import LOG2E, _nan_rows_with_nonfinite, _transform_rows, pool_pointers, triton_dtype
 from ._reduce import merge_splits
 from ._tiles import (_code_offset, _code_values, _kv_meta_values, _load_codes, _load_kv_meta, _load_kv_tile, _opaque,
-                     _tile_block_ids, _tile_rows)
+                     _tile_block_ids, _tile_rows, _v_weights)
 
 
 @triton.jit
@@ -39,9 +39,7 @@ def _attend_tile(q_lo, q_hi, qsum, k_lo, k_hi, ks, km, v_lo, v_hi, vs, vmn, tmas
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if STORAGE != 0:
-        pd = (p * vs[None, :]).to(DT)
-        # (p*s rounded) @ (c + off) - off * sum(p*s rounded) + p . m
-        pm = tl.sum(p * vmn[None, :] - off * pd.to(tl.float32), 1)
+        pd, pm = _v_weights(p, vs, vmn, off, DT)
         acc_lo = acc_lo * alpha[:, None] + pm[:, None]
         acc_hi = acc_hi * alpha[:, None] + pm[:, None]
     else:

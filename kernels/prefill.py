@@ -5,7 +5,8 @@ of cdiv(q_len_b, BLOCK_M) over query_start_loc, so the host never reads the batc
 grid has cdiv(Nq, BLOCK_M) + B slots (an upper bound), and surplus programs do nothing.
 Query j of sequence b sits at position seq_lens[b] - q_len + j (causal, bottom-right aligned).
 The cached prefix is dequantized inside the loop, folded into the two dot products like decode:
-scores = s_t * (q . c_t) + m_t * sum(q);  P V = (P * s) @ C + P @ m.
+scores = s_t * (q . c_t) + m_t * sum(q);  P V = (P * s) @ C + (P * s) @ (m / s), P * s rounded once
+(_tiles._v_weights).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import triton.language as tl
 from trtllm_sawint4.spec import StorageFormat
 
 from ._common import LOG2E, _nan_rows_with_nonfinite, _transform_rows, pool_pointers, triton_dtype
-from ._tiles import _code_offset, _load_kv_tile, _tile_block_ids, _tile_rows
+from ._tiles import _code_offset, _load_kv_tile, _tile_block_ids, _tile_rows, _v_weights
 from .config import DEFAULT, PrefillConfig
 from .schedule import dot_dtype
 
@@ -64,8 +65,7 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_pt
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if STORAGE != 0:
-        pd = (p * vs[None, :]).to(DT)
-        pm = tl.sum(p * vmn[None, :], 1) - off * tl.sum(pd.to(tl.float32), 1)
+        pd, pm = _v_weights(p, vs, vmn, off, DT)
         acc_lo = acc_lo * alpha[:, None] + pm[:, None]
         acc_hi = acc_hi * alpha[:, None] + pm[:, None]
     else:

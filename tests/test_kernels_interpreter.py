@@ -3,6 +3,8 @@ reference ops, at small shapes. The `interp_kernels` fixture (conftest.py) gives
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -313,6 +315,48 @@ def test_int4_code_offset_path_fp16(interp_kernels, fmt, meta, d, t, lens):
     got = interp_kernels["prefill"].prefill(qp, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, scale, "int4", meta, config=pcfg)
     err = (got.float() - want.float()).norm() / want.float().norm()
     assert err < 1e-2, f"prefill relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("window", [2, 0])
+def test_v_min_weighted_like_its_codes(interp_kernels, window):
+    """P V folds dequantization as (p*s rounded) @ codes + a min term. The min must carry the same
+    rounded weight as the codes: with the exact p instead, every channel of a token errs by
+    (rounded - exact) * code, all of one sign, and the V rotation undone afterwards sums that into
+    output channel 0 (the H200 saw 0.22 at head_dim 128, window 1). Codes skewed to the top make the
+    effect large: here it was 0.47 (prefill) / 0.08 (decode) of outputs up to ~38 before the fix,
+    ~one fp16 ulp (0.03) after. Weights rounded once (fp16: 2^-11) bound the error by ~5e-4 of the
+    largest output plus the output's own rounding."""
+    torch.manual_seed(0)
+    d, h, group, t, n = 64, 1, 2, 16, 32
+    spec = kernel_spec("saw_int4", d, h, t, rotate_v=True)
+    tf = layer_transform(spec)
+    nb = n // t + 1
+    pool = torch.zeros(spec.pool_shape(nb), dtype=torch.uint8)
+    v = 1.0 + 0.01 * torch.randn(n, h, d)  # stored (rotated) V: one low channel, the rest at the top code
+    v[:, :, 5] = -300.0
+    table, sl = block_table([n], t, nb), torch.tensor([n], dtype=torch.int32)
+    pos = torch.arange(n)
+    ref.append(pool, torch.randn(n, h, d), v, table[0, pos // t].long() * t + pos % t, tf.k_matrix, tf.k_bias, None,
+               "int4", "fp16")
+    qsl = torch.tensor([0, n], dtype=torch.int32)
+    q = torch.randn(n, h * group, d).half()
+    pcfg = replace(DEFAULT.prefill, interp_dot_dtype="fp16")
+    dcfg = replace(DEFAULT.decode, interp_dot_dtype="fp16")
+    cases = [(interp_kernels["prefill"].prefill(q, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, d ** -0.5,
+                                                "int4", "fp16", tf.hadamard_block, window, config=pcfg),
+              ref.prefill(q, pool, table, sl, qsl, tf.q_matrix, tf.v_matrix, d ** -0.5, "int4", "fp16", 0, window))]
+    for b in range(0, n, 4):  # decode: the query of a sequence of the first b + 1 tokens
+        lb = torch.tensor([b + 1], dtype=torch.int32)
+        cases.append((interp_kernels["decode"].decode(q[b:b + 1], pool, table, lb, tf.q_matrix, tf.v_matrix,
+                                                      d ** -0.5, "int4", "fp16", tf.hadamard_block, window,
+                                                      num_splits=2, config=dcfg),
+                      ref.decode(q[b:b + 1], pool, table, lb, tf.q_matrix, tf.v_matrix, d ** -0.5, "int4", "fp16",
+                                 0, window)))
+    for got, want in cases:
+        top = want.float().abs().max().item()
+        assert top > 1.0
+        err = (got.float() - want.float()).abs().max().item()
+        assert err <= 5e-4 * top + 2.0 ** (math.floor(math.log2(top)) - 10), (err, top)
 
 
 def test_split_plan_of_the_tuned_regimes():

@@ -5,7 +5,7 @@ tl.dot) and walks tiles of BLOCK_N tokens of its split of the context. Each KV b
 Dequantization is folded into the dot products (codes are exact in bf16/fp16):
 
     q . k_t   = s_t * (q . c_t) + m_t * sum(q)
-    sum_t p_t v_t = (p * s) @ C + (p * s) . (m / s)     (p * s rounded once: _tiles._v_weights)
+    sum_t p_t v_t = (p * s) @ C + (p . m)                (with a V rotation: (p * s) . (m / s), _tiles._v_weights)
 
 so the codes feed the tensor cores directly. Splits write partial outputs that kernels/_reduce.py
 merges. The schedule (split count, tile, warps, ...) comes from kernels/schedule.py: host-side
@@ -25,8 +25,11 @@ from ._tiles import (_code_offset, _code_values, _kv_meta_values, _load_codes, _
 
 @triton.jit
 def _attend_tile(q_lo, q_hi, qsum, k_lo, k_hi, ks, km, v_lo, v_hi, vs, vmn, tmask, m_i, l_i, acc_lo, acc_hi,
-                 STORAGE: tl.constexpr, DT: tl.constexpr):
-    """One tile of the online softmax: the updated (m_i, l_i, acc_lo, acc_hi)."""
+                 STORAGE: tl.constexpr, DT: tl.constexpr, EXACT_V: tl.constexpr):
+    """One tile of the online softmax: the updated (m_i, l_i, acc_lo, acc_hi). EXACT_V (with a V
+    rotation): each V token's min gets its codes' rounded weight (_tiles._v_weights), because undoing
+    the rotation would sum the one-signed rounding error of the cheaper fold into one output channel;
+    without a rotation that error stays per channel (~2^-9 of p * s * c) and the cheaper fold is kept."""
     off = _code_offset(STORAGE, DT)
     s = tl.dot(q_lo, tl.trans(k_lo))
     s = tl.dot(q_hi, tl.trans(k_hi), s)
@@ -39,7 +42,12 @@ def _attend_tile(q_lo, q_hi, qsum, k_lo, k_hi, ks, km, v_lo, v_hi, vs, vmn, tmas
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if STORAGE != 0:
-        pd, pm = _v_weights(p, vs, vmn, off, DT)
+        if EXACT_V:
+            pd, pm = _v_weights(p, vs, vmn, off, DT)
+        else:
+            pd = (p * vs[None, :]).to(DT)
+            # (p*s rounded) @ (c + off) - off * sum(p*s rounded) + p . m
+            pm = tl.sum(p * vmn[None, :] - off * pd.to(tl.float32), 1)
         acc_lo = acc_lo * alpha[:, None] + pm[:, None]
         acc_hi = acc_hi * alpha[:, None] + pm[:, None]
     else:
@@ -127,7 +135,7 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
         vs, vmn = _kv_meta_values(vmeta0, row0, STORAGE, META32)
         if n0 < seq_len:  # (a tile of masked tokens alone would turn the softmax state into nan)
             m_i, l_i, acc_lo, acc_hi = _attend_tile(q_lo, q_hi, qsum, k_lo, k_hi, ks, km, v_lo, v_hi, vs, vmn,
-                                                    tmask0, m_i, l_i, acc_lo, acc_hi, STORAGE, DT)
+                                                    tmask0, m_i, l_i, acc_lo, acc_hi, STORAGE, DT, HAS_VM)
     else:
         n_tiles = tl.cdiv(seq_len, BLOCK_N)
         if WINDOW > 0:
@@ -155,7 +163,7 @@ def _decode_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qm_ptr
             v_lo, v_hi, vs, vmn = _load_kv_tile(pool_ptr, poolb_ptr, poolf_ptr, kbase + H * REGION, row, tmask, D, T,
                                                 STORAGE, META32, DT, PREC != 0)
             m_i, l_i, acc_lo, acc_hi = _attend_tile(q_lo, q_hi, qsum, k_lo, k_hi, ks, km, v_lo, v_hi, vs, vmn, tmask,
-                                                    m_i, l_i, acc_lo, acc_hi, STORAGE, DT)
+                                                    m_i, l_i, acc_lo, acc_hi, STORAGE, DT, HAS_VM)
 
     nz = l_i > 0
     inv = tl.where(nz, 1.0 / tl.where(nz, l_i, 1.0), 0.0)

@@ -5,8 +5,8 @@ of cdiv(q_len_b, BLOCK_M) over query_start_loc, so the host never reads the batc
 grid has cdiv(Nq, BLOCK_M) + B slots (an upper bound), and surplus programs do nothing.
 Query j of sequence b sits at position seq_lens[b] - q_len + j (causal, bottom-right aligned).
 The cached prefix is dequantized inside the loop, folded into the two dot products like decode:
-scores = s_t * (q . c_t) + m_t * sum(q);  P V = (P * s) @ C + (P * s) @ (m / s), P * s rounded once
-(_tiles._v_weights).
+scores = s_t * (q . c_t) + m_t * sum(q);  P V = (P * s) @ C + P @ m (with a V rotation
+(P * s) @ (m / s), P * s rounded once: _tiles._v_weights).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .schedule import dot_dtype
 def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk, h, n0, pos, seq_len,
                   MASK: tl.constexpr, H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, REGION: tl.constexpr,
                   STORAGE: tl.constexpr, META32: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
-                  ASM: tl.constexpr, WINDOW: tl.constexpr = 0):
+                  ASM: tl.constexpr, WINDOW: tl.constexpr = 0, EXACT_V: tl.constexpr = False):
     tok = n0 + tl.arange(0, BLOCK_N)
     tmask = tok < seq_len
     row = _tile_rows(n0, BLOCK_N, T)
@@ -65,7 +65,11 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_pt
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if STORAGE != 0:
-        pd, pm = _v_weights(p, vs, vmn, off, DT)
+        if EXACT_V:  # a V rotation follows: the min gets its codes' rounded weight (see decode_triton._attend_tile)
+            pd, pm = _v_weights(p, vs, vmn, off, DT)
+        else:
+            pd = (p * vs[None, :]).to(DT)
+            pm = tl.sum(p * vmn[None, :], 1) - off * tl.sum(pd.to(tl.float32), 1)
         acc_lo = acc_lo * alpha[:, None] + pm[:, None]
         acc_hi = acc_hi * alpha[:, None] + pm[:, None]
     else:
@@ -146,7 +150,7 @@ def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_p
             blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
             m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr,
                                                      poolf_ptr, blk, h, n * BLOCK_N, pos, seq_len, True, H, D, T,
-                                                     REGION, STORAGE, META32, BLOCK_N, DT, PREC != 0, WINDOW)
+                                                     REGION, STORAGE, META32, BLOCK_N, DT, PREC != 0, WINDOW, HAS_VM)
     else:
         # block ids one tile ahead (see kernels/decode_triton.py: keeps the tile loads multi-buffered)
         blk_next = _tile_block_ids(bt_row, 0, kv_end, BLOCK_N, T)
@@ -155,13 +159,13 @@ def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_p
             blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
             m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk,
                                                      h, n * BLOCK_N, pos, seq_len, False, H, D, T, REGION, STORAGE,
-                                                     META32, BLOCK_N, DT, PREC != 0)
+                                                     META32, BLOCK_N, DT, PREC != 0, 0, HAS_VM)
         for n in range(n_full, tl.cdiv(kv_end, BLOCK_N)):
             blk = blk_next
             blk_next = _tile_block_ids(bt_row, (n + 1) * BLOCK_N, kv_end, BLOCK_N, T)
             m_i, l_i, acc_lo, acc_hi = _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_ptr, poolf_ptr, blk,
                                                      h, n * BLOCK_N, pos, seq_len, True, H, D, T, REGION, STORAGE,
-                                                     META32, BLOCK_N, DT, PREC != 0)
+                                                     META32, BLOCK_N, DT, PREC != 0, 0, HAS_VM)
 
     nz = l_i > 0
     inv = tl.where(nz, 1.0 / tl.where(nz, l_i, 1.0), 0.0)

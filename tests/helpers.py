@@ -85,13 +85,19 @@ def dense_attention(spec, tf, q, k, v, scale, window=0):
     """Causal (bottom-right aligned) attention of q [Q, Hq, D] over the stored form of k, v [L, H, D];
     window > 0: each query sees only its last `window` positions (transformers' sliding window)."""
     ks, vs = stored_kv(spec, tf, k, v)
-    h, group = k.shape[1], q.shape[1] // k.shape[1]
+    return dense_attention_stored(tf, q, ks, vs, scale, window)
+
+
+def dense_attention_stored(tf, q, ks, vs, scale, window=0):
+    """dense_attention over K/V already in their stored (transformed, dequantized) form, e.g. read back
+    from a pool with reference.gather_kv."""
+    h, group = ks.shape[1], q.shape[1] // ks.shape[1]
     qf = q.float()
     if tf.q_matrix is not None:
         qf = torch.einsum("hij,qhgj->qhgi", tf.q_matrix, qf.reshape(q.shape[0], h, group, -1)).reshape(q.shape)
-    mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).tril(k.shape[0] - q.shape[0])
+    mask = torch.ones(q.shape[0], ks.shape[0], dtype=torch.bool).tril(ks.shape[0] - q.shape[0])
     if window:
-        mask &= ~torch.ones_like(mask).tril(k.shape[0] - q.shape[0] - window)
+        mask &= ~torch.ones_like(mask).tril(ks.shape[0] - q.shape[0] - window)
     out = F.scaled_dot_product_attention(qf.transpose(0, 1)[None], ks.transpose(0, 1)[None],
                                          vs.transpose(0, 1)[None], attn_mask=mask, scale=scale,
                                          enable_gqa=True)[0].transpose(0, 1)

@@ -319,8 +319,8 @@ def test_int4_code_offset_path_fp16(interp_kernels, fmt, meta, d, t, lens):
 
 @pytest.mark.parametrize("window", [2, 0])
 def test_v_min_weighted_like_its_codes(interp_kernels, window):
-    """P V folds dequantization as (p*s rounded) @ codes + a min term. The min must carry the same
-    rounded weight as the codes: with the exact p instead, every channel of a token errs by
+    """P V folds dequantization as (p*s rounded) @ codes + a min term. With a V rotation the min must
+    carry the same rounded weight as the codes (the kernels' EXACT_V path): with the exact p instead, every channel of a token errs by
     (rounded - exact) * code, all of one sign, and the V rotation undone afterwards sums that into
     output channel 0 (the H200 saw 0.22 at head_dim 128, window 1). Codes skewed to the top make the
     effect large: here it was 0.47 (prefill) / 0.08 (decode) of outputs up to ~38 before the fix,

@@ -15,8 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers, trtllm_steps
 
-from helpers import dense_attention  # noqa: E402
+from helpers import dense_attention, dense_attention_stored  # noqa: E402
 from trtllm_sawint4 import KVCacheSpec  # noqa: E402
+from trtllm_sawint4.ops import reference as ref  # noqa: E402
 from trtllm_sawint4.integrations.tensorrt_llm import adapter, ops  # noqa: E402
 from trtllm_steps import ADSteps  # noqa: E402
 
@@ -59,7 +60,10 @@ def _close(got, want, rel=2e-2):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_mixed_step_cuda_matches_reference(fmt):
     """History, then one step with a prompt, a chunked-prefill continuation and decodes: CUDA (kernels)
-    against the CPU reference on identical inputs, and against dense attention over the stored K/V."""
+    against dense attention over the K/V the CUDA path stored, and the CPU path against dense attention
+    over the reference quantizer's K/V. With a rotation the append kernel may store a code one off from
+    the reference (its summation order; tests/gpu/test_kernels_gpu.py bounds that), so the two paths'
+    outputs are compared directly only without one."""
     torch.manual_seed(0)
     spec = _spec(fmt)
     nb = 160
@@ -75,15 +79,20 @@ def test_mixed_step_cuda_matches_reference(fmt):
         v = torch.randn(1, n, HKV, D, dtype=torch.bfloat16)
         md = steps.step(entries)
         out = {dev: _run(md, q, k, v, pools[dev], spec, dev) for dev in ("cpu", DEV)}
+        tf = ops.layer_transform(spec, "cpu")
+        stored = pools[DEV].cpu()
         row = 0
         for seq_id, p0, new, _ in entries:
             kh, vh = hist.setdefault(seq_id, (torch.zeros(2048, HKV, D), torch.zeros(2048, HKV, D)))
             kh[p0:p0 + new], vh[p0:p0 + new] = k[0, row:row + new].float(), v[0, row:row + new].float()
-            want = dense_attention(spec, ops.layer_transform(spec, "cpu"), q[0, row:row + new].float(),
-                                   kh[:p0 + new], vh[:p0 + new], D ** -0.5)
-            _close(out[DEV][0, row:row + new], want)
+            qs = q[0, row:row + new].float()
+            _close(out["cpu"][0, row:row + new], dense_attention(spec, tf, qs, kh[:p0 + new], vh[:p0 + new], D ** -0.5))
+            ks, vs = ref.gather_kv(stored, torch.tensor(steps.table_of(seq_id)), p0 + new, D, spec.storage,
+                                   spec.metadata_dtype)
+            _close(out[DEV][0, row:row + new], dense_attention_stored(tf, qs, ks, vs, D ** -0.5))
             row += new
-        _close(out[DEV], out["cpu"])
+        if tf.k_matrix is None:
+            _close(out[DEV], out["cpu"])
 
     step([(0, 0, 300, "prefill"), (1, 0, 130, "prefill"), (2, 0, 64, "prefill")])
     step([(3, 0, 77, "prefill"), (1, 130, 200, "extend"), (0, 300, 1, "decode"), (2, 64, 1, "decode")])

@@ -46,5 +46,7 @@ def test_kernel_categories_and_bad_arguments():
         benchmark.main(["--arch", "tiny", "--device", "cpu", "--formats", "fp8"])
     with pytest.raises(SystemExit, match="--short-concurrency"):
         benchmark.main(["--arch", "tiny", "--device", "cpu", "--short-concurrency", "0"])
+    with pytest.raises(SystemExit, match="--long-input \\+ --long-output = 17408 tokens"):
+        benchmark.main(["--arch", "tiny", "--device", "cpu"])  # the real-size defaults on the tiny model
     with pytest.raises(ValueError, match="--arch"):
         benchmark.architecture("gpt-5")

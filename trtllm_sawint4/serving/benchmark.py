@@ -402,6 +402,11 @@ def run(args) -> int:
 
     t = time.perf_counter()
     config = architecture(args.arch)
+    for sc in scenarios:  # before any model is built: the model's positions bound a request
+        if sc.input_len + sc.output_len > config.max_position_embeddings:
+            raise SystemExit(f"sawint4 bench-serving: --{sc.name}-input + --{sc.name}-output = "
+                             f"{sc.input_len + sc.output_len} tokens, more than --arch {args.arch}'s "
+                             f"{config.max_position_embeddings} positions")
     model = random_model(config, device, dtype)
     if args.kv_budget_gib is not None:
         budget, budget_note = int(args.kv_budget_gib * GiB), f"{args.kv_budget_gib} GiB (--kv-budget-gib)"

@@ -109,6 +109,7 @@ def run_point(engine, prompts: list[list[int]], output_len: int, concurrency: in
     peak = 0
     steps = 0
     paused = 0.0  # time spent in on_steady, excluded from the timings
+    step_times = []  # (seconds, prefill tokens, decode tokens, replayed graph) of every step: where time went
     clock = lambda: time.perf_counter() - paused  # noqa: E731
     t0 = clock()
 
@@ -144,7 +145,12 @@ def run_point(engine, prompts: list[list[int]], output_len: int, concurrency: in
                 paused += time.perf_counter() - start
                 record(extra, now)
                 continue
+        c = engine.counters
+        before = (c["prefill_tokens"], c["decode_tokens"], c["graph_steps"])
+        start = time.perf_counter()
         events = engine.step()
+        step_times.append((time.perf_counter() - start, c["prefill_tokens"] - before[0],
+                           c["decode_tokens"] - before[1], c["graph_steps"] - before[2]))
         steps += 1
         peak = max(peak, len(engine.scheduler.running))
         record(events, clock())
@@ -156,7 +162,10 @@ def run_point(engine, prompts: list[list[int]], output_len: int, concurrency: in
                 output_tok_s=out_tokens / wall, total_tok_s=(out_tokens + sum(map(len, prompts))) / wall,
                 ttft_median_s=statistics.median(ttft), ttft_p90_s=_percentile(ttft, 0.9),
                 tpot_median_ms=1e3 * statistics.median(tpot) if tpot else float("nan"),
-                tpot_p90_ms=1e3 * _percentile(tpot, 0.9), peak_running=peak, profiled_s=paused)
+                tpot_p90_ms=1e3 * _percentile(tpot, 0.9), peak_running=peak, profiled_s=paused,
+                step_ms_median=1e3 * statistics.median(t[0] for t in step_times) if step_times else float("nan"),
+                slowest_steps=[dict(step=i, ms=1e3 * dt, prefill_tokens=pf, decode_tokens=dc, graph=bool(g))
+                               for i, (dt, pf, dc, g) in sorted(enumerate(step_times), key=lambda x: -x[1][0])[:3]])
 
 
 # ---- the step profile --------------------------------------------------------------------------
@@ -494,6 +503,11 @@ def run(args) -> int:
                     f"per step: "
                     f"schedule {host['schedule_ms_per_step']:.2f} + plan {host['plan_ms_per_step']:.2f} + forward and "
                     f"sampling {host['forward_ms_per_step']:.2f} ms")
+                if res["slowest_steps"]:
+                    w = res["slowest_steps"][0]
+                    log(f"   slowest step #{w['step']}: {w['ms']:.1f} ms ({w['prefill_tokens']} prefill + "
+                        f"{w['decode_tokens']} decode tokens{', graph' if w['graph'] else ''}); median step "
+                        f"{res['step_ms_median']:.2f} ms")
                 if profile is not None and "attention_frac" in profile:
                     log(f"   profile of a decode step at batch {profile['batch']}: replayed "
                         f"{profile['replayed_step_ms']:.2f}"

@@ -130,21 +130,27 @@ def test_decode(interp_kernels, fmt, meta, d, h, group, t, lens, dtype, splits):
             assert torch.count_nonzero(got[b]) == 0
 
 
+def _ragged_decode_case(fmt, d, h, group, t, meta, lens):
+    """A filled pool (V rotated) of sequences of `lens` tokens, bf16 queries, and decode's arguments."""
+    spec = kernel_spec(fmt, d, h, t, meta, rotate_v=True)
+    tf = layer_transform(spec)
+    nb = sum(-(-n // t) for n in lens) + 2
+    pool = filled_pool(spec, tf, nb)
+    table = block_table(lens, t, nb)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(len(lens), h * group, d).to(torch.bfloat16)
+    args = (q, pool, table, sl, tf.q_matrix, tf.v_matrix, d ** -0.5, spec.storage, meta, tf.hadamard_block)
+    return spec, tf, pool, table, sl, q, args
+
+
 @pytest.mark.parametrize("fmt,meta,t", [("saw_int4", "fp16", 16), ("int4", "fp32", 8), ("int8", "fp16", 32),
                                          ("bf16", "fp16", 16)])
 def test_decode_one_tile_splits(interp_kernels, fmt, meta, t):
     """Splits of one tile (ONE_TILE: the tile is loaded before the q transform) give the reference's
     result and the same bits as the loop over that one tile."""
     torch.manual_seed(6)
-    d, h, group, lens = 64, 2, 4, [0, 45, 16, 70]
-    spec = kernel_spec(fmt, d, h, t, meta, rotate_v=True)
-    tf = layer_transform(spec)
-    nb = sum(-(-l // t) for l in lens) + 2
-    pool = filled_pool(spec, tf, nb)
-    table = block_table(lens, t, nb)
-    sl = torch.tensor(lens, dtype=torch.int32)
-    q = torch.randn(len(lens), h * group, d).to(torch.bfloat16)
-    args = (q, pool, table, sl, tf.q_matrix, tf.v_matrix, d ** -0.5, spec.storage, meta, tf.hadamard_block)
+    d, h, group = 64, 2, 4
+    spec, tf, pool, table, sl, q, args = _ragged_decode_case(fmt, d, h, group, t, meta, [0, 45, 16, 70])
     splits = -(-table.shape[1] * t // 16)  # one 16-token interpreter tile per split
     got = interp_kernels["decode"].decode(*args, num_splits=splits)
     want = ref.decode(*args)
@@ -381,15 +387,8 @@ def test_sliding_window_decode_and_prefill(interp_kernels, fmt, t, window):
     and the loop), prefill runs the window's key tiles through the masked path; both against the
     reference, and the window changes the result."""
     torch.manual_seed(9)
-    d, h, group, lens = 64, 2, 2, [0, 45, 16, 70, 3]
-    spec = kernel_spec(fmt, d, h, t, rotate_v=True)
-    tf = layer_transform(spec)
-    nb = sum(-(-l // t) for l in lens) + 2
-    pool = filled_pool(spec, tf, nb)
-    table = block_table(lens, t, nb)
-    sl = torch.tensor(lens, dtype=torch.int32)
-    q = torch.randn(len(lens), h * group, d).to(torch.bfloat16)
-    args = (q, pool, table, sl, tf.q_matrix, tf.v_matrix, d ** -0.5, spec.storage, "fp16", tf.hadamard_block)
+    d, h, group = 64, 2, 2
+    spec, tf, pool, table, sl, q, args = _ragged_decode_case(fmt, d, h, group, t, "fp16", [0, 45, 16, 70, 3])
     want = ref.decode(*args, window)
     for splits in (None, 1, 10**4):
         got = interp_kernels["decode"].decode(*args, window, num_splits=splits)

@@ -242,17 +242,6 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(0, vocab, (n, length), generator=g).tolist()
 
 
-def _warm_step_batches(engine, max_sequences: int, vocab: int) -> None:
-    """Compile the step kernels for every number of sequences a step can hold: Triton specialises a kernel
-    on its integer arguments (== 1, divisible by 16) and the prefill kernel on the batch's power of two, so
-    a batch size first met inside a timed loop would compile there (seconds of TTFT)."""
-    from .api import SamplingParams
-
-    once = SamplingParams(max_tokens=1, ignore_eos=True)
-    for k in range(1, max_sequences + 1):
-        engine.generate(_prompts(k, 8, vocab, seed=k), once)
-
-
 def _graph_widths(engine, input_len: int, output_len: int) -> list[int]:
     """Block-table width buckets a scenario's decode steps will use."""
     if engine.graphs is None:
@@ -460,7 +449,6 @@ def run(args) -> int:
         for sc in scenarios:
             n = min(sc.input_len, args.max_step_tokens + 17)
             engine.generate([p[:n] for p in prompts[sc.name][:2]], warm_params)
-        _warm_step_batches(engine, max_conc, config.vocab_size)
         if engine.graphs is not None:
             for sc in scenarios:
                 engine.graphs.prepare(max(sc.concurrency), _graph_widths(engine, sc.input_len, sc.output_len))

@@ -113,13 +113,13 @@ def _run_engine(engine, prompts, max_tokens=10, stagger=2):
 
 
 def _generate_with_logits(model, prompt, n, fmt, t):
-    from trtllm_sawint4.integrations.transformers import SawInt4Cache, spec_for_config
+    from trtllm_sawint4.integrations.transformers import SawInt4Cache, cache_kwarg, spec_for_config
 
     ids = torch.tensor([prompt], device=DEV)
     model.set_attn_implementation("sawint4_paged")
     cache = SawInt4Cache(model, spec_for_config(model.config, fmt, tokens_per_block=t), max_tokens=len(prompt) + n)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=n,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwarg(model, cache), max_new_tokens=n,
                              min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
                              output_logits=True, return_dict_in_generate=True)
     model.set_attn_implementation("sdpa")

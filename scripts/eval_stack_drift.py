@@ -70,7 +70,7 @@ def dump(args) -> int:
             cache = hf.SawInt4Cache(model, spec, max_tokens=args.window_len, batch_size=ids.shape[0])
             at = 0
             for n in chunk_schedule(args.window_len, 2):
-                lg = model(input_ids=ids[:, at:at + n], past_key_values=cache, use_cache=True).logits.float()
+                lg = model(input_ids=ids[:, at:at + n], **hf.cache_kwarg(model, cache), use_cache=True).logits.float()
                 end = min(at + n, args.window_len - 1)
                 if end > at:
                     lp = torch.log_softmax(lg[:, :end - at], -1)

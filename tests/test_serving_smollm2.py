@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("SAWINT4_SLOW"
 
 
 def test_smollm2_engine_equals_generate(one_torch_thread):
-    from trtllm_sawint4.integrations.transformers import SawInt4Cache, spec_for_config
+    from trtllm_sawint4.integrations.transformers import SawInt4Cache, cache_kwarg, spec_for_config
     from trtllm_sawint4.serving import SamplingParams, build_engine
 
     engine = build_engine(kv_format="saw_int4", max_batch=3, num_blocks=64)
@@ -31,8 +31,9 @@ def test_smollm2_engine_equals_generate(one_torch_thread):
         ids = torch.tensor([tok(p)["input_ids"]])
         cache = SawInt4Cache(model, spec_for_config(model.config, "saw_int4", tokens_per_block=64), max_tokens=64)
         with torch.no_grad():
-            ref = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=12,
-                                 min_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwarg(model, cache),
+                                 max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                 pad_token_id=0)[0, ids.shape[1]:].tolist()
         assert tokens[f"r{i}"] == ref
         assert texts[f"r{i}"] == tok.decode(ref, skip_special_tokens=True)
     # a stop string cuts the streamed text before it

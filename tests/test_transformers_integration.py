@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from trtllm_sawint4 import ChannelCalibration, KVCacheSpec, PagedKVCache  # noqa
 from trtllm_sawint4.integrations.transformers import (  # noqa: E402
     KeyRecorderCache,
     SawInt4Cache,
+    cache_kwarg,
     collect_keys,
     spec_for_config,
 )
@@ -33,7 +36,7 @@ def _use(model, impl):
 
 def _generate(model, ids, cache, n=12):
     with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=n,
+        return model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwarg(model, cache), max_new_tokens=n,
                               do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0,
                               eos_token_id=None)
 
@@ -65,7 +68,8 @@ def _logits(model, fmt, ids, split=(17,)):
     cache = _paged(model, fmt, ids.shape[0])
     bounds = [0, *split, ids.shape[1] - 1, ids.shape[1]]
     with torch.no_grad():
-        out = torch.cat([model(ids[:, a:b], past_key_values=cache).logits for a, b in zip(bounds, bounds[1:])], 1)
+        out = torch.cat([model(ids[:, a:b], **cache_kwarg(model, cache)).logits for a, b in zip(bounds, bounds[1:])],
+                        1)
     _use(model, "sdpa")
     return out
 
@@ -86,7 +90,7 @@ def test_chunked_prefill_equals_one_prefill(model):
     ids = torch.randint(3, 256, (1, 30))
     _use(model, "sawint4_paged")
     with torch.no_grad():
-        one = model(ids, past_key_values=_paged(model, "saw_int4", 1)).logits
+        one = model(ids, **cache_kwarg(model, _paged(model, "saw_int4", 1))).logits
     _use(model, "sdpa")
     chunked = _logits(model, "saw_int4", ids, split=(5, 13, 21))
     torch.testing.assert_close(chunked, one, atol=1e-4, rtol=1e-4)
@@ -104,12 +108,24 @@ def test_saw_int4_generate_runs_with_calibration(model):
     assert out.sequences.shape == (2, 15)
 
 
+def test_cache_kwarg_is_the_name_the_installed_transformers_takes_without_a_warning(model):
+    cache = _paged(model, "saw_int4", 1)
+    _use(model, "sawint4_paged")
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("error", FutureWarning)  # 5.25-5.39 warn on the old name
+            model(torch.randint(3, 256, (1, 6)), **cache_kwarg(model, cache))
+    finally:
+        _use(model, "sdpa")
+    assert cache.get_seq_length() == 6  # the cache was used, not dropped as an unknown keyword
+
+
 def test_existing_paged_cache_and_mask_sizes(model):
     spec = KVCacheSpec(head_dim=32, num_kv_heads=2, tokens_per_block=8, kv_format="int4")
     cache = SawInt4Cache(paged=PagedKVCache(spec, num_layers=2, num_blocks=8), config=model.config)
     _use(model, "sawint4_paged")
     with torch.no_grad():
-        model(torch.randint(3, 256, (1, 10)), past_key_values=cache)
+        model(torch.randint(3, 256, (1, 10)), **cache_kwarg(model, cache))
     _use(model, "sdpa")
     assert cache.get_seq_length() == 10 and cache.get_seq_length(1) == 10
     assert cache.get_mask_sizes(3, 0) == (13, 0)
@@ -125,7 +141,7 @@ def test_attention_without_cache_raises(model):
         with pytest.raises(RuntimeError, match="SawInt4Cache"):
             model(ids, use_cache=False)
         with pytest.raises(RuntimeError, match="SawInt4Cache"):
-            model(ids, past_key_values=DynamicCache(config=model.config))
+            model(ids, **cache_kwarg(model, DynamicCache(config=model.config)))
     finally:
         _use(model, "sdpa")
 
@@ -133,7 +149,7 @@ def test_attention_without_cache_raises(model):
 def test_cache_with_other_attention_raises(model):
     _use(model, "sdpa")
     with pytest.raises(RuntimeError, match="sawint4_paged"):
-        model(torch.randint(3, 256, (1, 6)), past_key_values=_paged(model, "saw_int4", 1))
+        model(torch.randint(3, 256, (1, 6)), **cache_kwarg(model, _paged(model, "saw_int4", 1)))
 
 
 def test_padded_batch_raises(model):
@@ -143,7 +159,7 @@ def test_padded_batch_raises(model):
     _use(model, "sawint4_paged")
     try:
         with pytest.raises(NotImplementedError, match="padded"):
-            model(ids, attention_mask=mask, past_key_values=_paged(model, "saw_int4", 2))
+            model(ids, attention_mask=mask, **cache_kwarg(model, _paged(model, "saw_int4", 2)))
     finally:
         _use(model, "sdpa")
 
@@ -153,9 +169,9 @@ def test_batch_size_change_raises(model):
     _use(model, "sawint4_paged")
     try:
         with torch.no_grad():
-            model(torch.randint(3, 256, (2, 4)), past_key_values=cache)
+            model(torch.randint(3, 256, (2, 4)), **cache_kwarg(model, cache))
             with pytest.raises(ValueError, match="2 sequences"):
-                model(torch.randint(3, 256, (1, 1)), past_key_values=cache)
+                model(torch.randint(3, 256, (1, 1)), **cache_kwarg(model, cache))
     finally:
         _use(model, "sdpa")
 
@@ -171,8 +187,8 @@ def test_key_recorder_shapes_and_post_rope(model):
     rec = KeyRecorderCache(config=model.config)
     dyn = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=rec)
-        model(ids, past_key_values=dyn)
+        model(ids, **cache_kwarg(model, rec))
+        model(ids, **cache_kwarg(model, dyn))
     keys = rec.stacked()
     assert len(keys) == 2 and all(k.shape == (24, 2, 32) for k in keys)
     # identical to what a DynamicCache holds (post-RoPE), batch rows concatenated

@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 from tiny_models import KINDS, VOCAB, tiny_config, tiny_model  # noqa: E402
 from trtllm_sawint4.integrations.transformers import (  # noqa: E402
     SawInt4Cache,
+    cache_kwarg,
     kv_geometry,
     paged_cache_has_windows,
     spec_for_config,
@@ -28,7 +29,7 @@ def _paged_logits(model, ids, fmt, chunks):
     out, pos = [], 0
     with torch.no_grad():
         for n in chunks:
-            out.append(model(ids[:, pos:pos + n], past_key_values=cache, use_cache=True).logits)
+            out.append(model(ids[:, pos:pos + n], **cache_kwarg(model, cache), use_cache=True).logits)
             pos += n
     model.set_attn_implementation("sdpa")
     return torch.cat(out, 1)

@@ -57,7 +57,7 @@ def tiny_model(kind: str, seed: int = 0, dtype=torch.float32, **kw):
 def reference_greedy(model, prompt: list[int], n: int, kv_format: str | None, tokens_per_block: int = 8) -> list[int]:
     """`model.generate()` greedy tokens: through SawInt4Cache in `kv_format`, or stock transformers (sdpa,
     DynamicCache) for kv_format=None. Leaves the model on sdpa."""
-    from trtllm_sawint4.integrations.transformers import SawInt4Cache, spec_for_config
+    from trtllm_sawint4.integrations.transformers import SawInt4Cache, cache_kwarg, spec_for_config
 
     ids = torch.tensor([prompt])
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -70,7 +70,7 @@ def reference_greedy(model, prompt: list[int], n: int, kv_format: str | None, to
             model.set_attn_implementation("sawint4_paged")
             cache = SawInt4Cache(model, spec_for_config(model.config, kv_format, tokens_per_block=tokens_per_block),
                                  max_tokens=len(prompt) + n)
-            out = model.generate(ids, past_key_values=cache, **kwargs)
+            out = model.generate(ids, **cache_kwarg(model, cache), **kwargs)
     model.set_attn_implementation("sdpa")
     return out[0, len(prompt):].tolist()
 

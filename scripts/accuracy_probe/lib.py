@@ -17,6 +17,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from trtllm_sawint4.integrations.transformers import cache_kwarg
 from trtllm_sawint4.quant import dequantize, quantize
 
 _REC = {"on": False, "q": {}}
@@ -48,7 +49,7 @@ def record_qkv(model, ids):
     _REC["on"], _REC["q"] = True, {}
     store = {}
     for w in range(ids.shape[0]):
-        model(input_ids=ids[w:w + 1], past_key_values=RecCache(model.config, store), use_cache=True)
+        model(input_ids=ids[w:w + 1], **cache_kwarg(model, RecCache(model.config, store)), use_cache=True)
     _REC["on"] = False
     model.set_attn_implementation("sdpa")
     n = len(store)
@@ -115,7 +116,8 @@ def logprobs(model, ids, kq=None, vq=None, batch=2):
     outs = []
     for s in range(0, ids.shape[0], batch):
         x = ids[s:s + batch]
-        lg = model(input_ids=x, past_key_values=FQCache(model.config, kq or {}, vq or {}), use_cache=True).logits
+        cache = FQCache(model.config, kq or {}, vq or {})
+        lg = model(input_ids=x, **cache_kwarg(model, cache), use_cache=True).logits
         outs.append(torch.log_softmax(lg[:, :-1].float(), -1).to(torch.bfloat16))
     return torch.cat(outs)
 

@@ -26,13 +26,13 @@ def model():
 
 
 def _logits(model, spec, ids, schedule):
-    from trtllm_sawint4.integrations.transformers import SawInt4Cache
+    from trtllm_sawint4.integrations.transformers import SawInt4Cache, cache_kwarg
 
     cache = SawInt4Cache(model, spec, max_tokens=ids.shape[1], batch_size=ids.shape[0])
     out, pos = [], 0
     with torch.inference_mode():
         for n in schedule:  # prefill, chunked prefill over the cached prefix, then decode steps
-            out.append(model(input_ids=ids[:, pos:pos + n], past_key_values=cache, use_cache=True).logits.float())
+            out.append(model(input_ids=ids[:, pos:pos + n], **cache_kwarg(model, cache), use_cache=True).logits.float())
             pos += n
     return torch.cat(out, 1)
 

@@ -246,7 +246,7 @@ def evaluate_row(model, ids, row: Row, spec, calibration, batch_size: int, sched
     """Fill row.nll ([W] NLL sums) and row.argmax ([W, L-1])."""
     import torch
 
-    from ..integrations.transformers import SawInt4Cache
+    from ..integrations.transformers import SawInt4Cache, cache_kwarg
     from .kivi import KiviFakeQuantCache
 
     num_windows, length = ids.shape
@@ -266,7 +266,7 @@ def evaluate_row(model, ids, row: Row, spec, calibration, batch_size: int, sched
                                      calibration=calibration, key_bias_centre=row.key_bias_centre)
             pos = 0
             for n in schedule:
-                logits = model(input_ids=x[:, pos:pos + n], past_key_values=cache, use_cache=True).logits
+                logits = model(input_ids=x[:, pos:pos + n], **cache_kwarg(model, cache), use_cache=True).logits
                 end = min(pos + n, length - 1)  # the window's last token predicts nothing we can score
                 if end > pos:
                     lg = logits[:, : end - pos].float()
@@ -316,13 +316,13 @@ def key_quant_error(keys, spec_options: dict, head_dim: int, kv_heads: int) -> f
 def generate_sample(model, tokenizer, spec, prompt_ids, new_tokens: int, calibration=None) -> str:
     import torch
 
-    from ..integrations.transformers import SawInt4Cache
+    from ..integrations.transformers import SawInt4Cache, cache_kwarg
 
     _set_attention(model, "sawint4_paged")
     cache = SawInt4Cache(model, spec, max_tokens=prompt_ids.shape[1] + new_tokens + 1, batch_size=1,
                          calibration=calibration)
     with torch.inference_mode():
-        out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), past_key_values=cache,
+        out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), **cache_kwarg(model, cache),
                              max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     _set_attention(model, "sdpa")
     return tokenizer.decode(out[0, prompt_ids.shape[1]:], skip_special_tokens=True,

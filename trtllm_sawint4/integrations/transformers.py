@@ -6,7 +6,10 @@ Usage::
 
     model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="sawint4_paged")
     cache = sawint4_hf.SawInt4Cache(model, max_tokens=1024, batch_size=2)      # saw_int4 by default
-    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+    out = model.generate(input_ids, **sawint4_hf.cache_kwarg(model, cache), max_new_tokens=32)
+
+(`cache_kwarg` names the cache argument as the installed transformers does: ``cache=`` from 5.25,
+``past_key_values=`` before; 5.25 to 5.39 still accept the old name with a FutureWarning.)
 
 How the two halves meet. A transformers attention layer (e.g. LlamaAttention in 5.x) calls
 ``past_key_values.update(k, v, layer_idx)`` and then the registered attention function, but does
@@ -41,7 +44,7 @@ from ..spec import KVCacheSpec
 ATTN_IMPLEMENTATION = "sawint4_paged"
 
 __all__ = ["ATTN_IMPLEMENTATION", "SawInt4Cache", "KeyRecorderCache", "sawint4_paged_attention",
-           "spec_for_config", "register", "key_bias_calibration", "model_dims"]
+           "spec_for_config", "register", "key_bias_calibration", "model_dims", "cache_kwarg"]
 
 
 @dataclass
@@ -60,9 +63,19 @@ _BINDING: contextvars.ContextVar[_Binding | None] = contextvars.ContextVar("sawi
 
 _NO_CACHE = (
     "attn_implementation='sawint4_paged' reads K/V from the paged SAW-INT4 cache, but {why}. Pass "
-    "past_key_values=trtllm_sawint4.integrations.transformers.SawInt4Cache(model, ...) (and use_cache=True) "
+    "trtllm_sawint4.integrations.transformers.SawInt4Cache(model, ...) as the cache argument (cache= from "
+    "transformers 5.25, past_key_values= before; cache_kwarg(model, cache) picks the name) and use_cache=True "
     "to the forward()/generate() call."
 )
+
+
+def cache_kwarg(model, cache) -> dict:
+    """The keyword that hands `cache` to ``model(...)`` / ``model.generate(...)``: transformers 5.25 renamed
+    ``past_key_values`` to ``cache`` (the old name warns until 5.40); earlier releases know only the old one."""
+    import inspect
+
+    accepts_cache = "cache" in inspect.signature(model.forward).parameters
+    return {"cache": cache} if accepts_cache else {"past_key_values": cache}
 
 
 def _text_config(config):
@@ -479,7 +492,7 @@ def collect_keys(model, token_windows: list[torch.Tensor], progress=None) -> lis
     device = next(model.parameters()).device
     for ids in token_windows:
         rec = KeyRecorderCache(config=model.config)
-        model(input_ids=ids.view(1, -1).to(device), past_key_values=rec, use_cache=True)
+        model(input_ids=ids.view(1, -1).to(device), **cache_kwarg(model, rec), use_cache=True)
         for i, k in enumerate(rec.stacked()):
             if len(per_layer) <= i:
                 per_layer.append([])

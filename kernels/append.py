@@ -106,7 +106,9 @@ def _append_one(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, x_ptr, stride_n, stri
             tl.store(sp + T, mn.to(tl.float16), mask=rmask)
 
 
-@triton.jit
+# N (the step's token count) changes every step: specialising on it (N == 1, N % 16 == 0) would compile
+# new variants mid-serving (kernels/variants.py)
+@triton.jit(do_not_specialize=["N"])
 def _append_kernel(pool_ptr, poolb_ptr, poolh_ptr, poolf_ptr, key_ptr, val_ptr, slot_ptr, km_ptr, kb_ptr, vm_ptr, N,
                    stride_kn, stride_kh, stride_vn, stride_vh,
                    H: tl.constexpr, D: tl.constexpr, T: tl.constexpr, REGION: tl.constexpr,

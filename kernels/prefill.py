@@ -84,7 +84,9 @@ def _prefill_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, pool_ptr, poolb_pt
     return m_new, l_i, acc_lo, acc_hi
 
 
-@triton.jit
+# B (the step's sequence count) and stride_bt (its block-table width) change every step: specialising on
+# them (== 1, % 16 == 0) would compile new variants mid-serving (kernels/variants.py)
+@triton.jit(do_not_specialize=["B", "stride_bt"])
 def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_ptr, qm_ptr, vm_ptr, out_ptr, scratch_ptr,
                     stride_qn, stride_qh, stride_on, stride_oh, stride_bt, qk_scale, B,
                     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, T: tl.constexpr, REGION: tl.constexpr,
@@ -183,6 +185,17 @@ def _prefill_kernel(q_ptr, pool_ptr, poolb_ptr, poolf_ptr, bt_ptr, sl_ptr, qsl_p
     tl.store(op + HALF, o_hi.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
+#: the fewest sequences a prefill launch is padded to (see prefill_batch_pad)
+MIN_BATCH_PAD = 16
+
+
+def prefill_batch_pad(num_seqs: int) -> int:
+    """B_PAD, the width of each program's search for its sequence: a constexpr, so every distinct value is
+    a separate compiled kernel. Powers of two from MIN_BATCH_PAD keep the set small (16, 32, 64, ... up to
+    the engine's batch); a wider search than needed costs a few masked loads per program."""
+    return max(MIN_BATCH_PAD, triton.next_power_of_2(num_seqs))
+
+
 #: tile the interpreter runs (small shapes; its tl.dot is slow): (BLOCK_M, BLOCK_N, num_warps, num_stages)
 INTERP_TILE = (16, 16, 4, 1)
 
@@ -221,7 +234,7 @@ def prefill(query, pool, block_table, seq_lens, query_start_loc, q_matrix, v_mat
         float(scale) * LOG2E, bsz,
         H=h, G=g, D=d, T=t, REGION=pool.shape[-1], STORAGE=fmt.kernel_code, META32=fmt.meta32,
         HAS_QM=q_matrix is not None, HAS_VM=v_matrix is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        B_PAD=max(2, triton.next_power_of_2(bsz)), DT=dt, PREC=0 if interp else 1, HB=hadamard_block, WINDOW=window,
+        B_PAD=prefill_batch_pad(bsz), DT=dt, PREC=0 if interp else 1, HB=hadamard_block, WINDOW=window,
         num_warps=warps, num_stages=stages,
     )
     return out

@@ -40,3 +40,20 @@ def interp_kernels():
         pytest.skip("the kernels were compiled for the GPU in this session; run on a machine without CUDA or "
                     "with TRITON_INTERPRET=1 set before pytest starts")
     yield mods
+
+
+@pytest.fixture
+def kernels_on_cpu(interp_kernels, monkeypatch):
+    """The ops dispatch CPU tensors to the Triton kernels under the interpreter (as CUDA tensors go to the
+    compiled ones), so the cache's whole kernel path runs here: plan -> schedule -> op checks -> launch."""
+    from trtllm_sawint4.ops import dispatch
+
+    calls = []
+
+    def decode(*args, **kwargs):
+        calls.append(kwargs)
+        return interp_kernels["decode"].decode(*args, **kwargs)
+
+    table = {"append": interp_kernels["append"].append, "decode": decode, "prefill": interp_kernels["prefill"].prefill}
+    monkeypatch.setattr(dispatch, "kernel", lambda name, device: table[name])
+    return calls

@@ -128,23 +128,6 @@ def test_plan_rejects_bad_batches():
 
 
 # ---- the step plan owns the decode schedule and its workspace ---------------------------------------
-@pytest.fixture
-def kernels_on_cpu(interp_kernels, monkeypatch):
-    """The ops dispatch CPU tensors to the Triton kernels under the interpreter (as CUDA tensors go to the
-    compiled ones), so the cache's whole kernel path runs here: plan -> schedule -> op checks -> launch."""
-    from trtllm_sawint4.ops import dispatch
-
-    calls = []
-
-    def decode(*args, **kwargs):
-        calls.append(kwargs)
-        return interp_kernels["decode"].decode(*args, **kwargs)
-
-    table = {"append": interp_kernels["append"].append, "decode": decode, "prefill": interp_kernels["prefill"].prefill}
-    monkeypatch.setattr(dispatch, "kernel", lambda name, device: table[name])
-    return calls
-
-
 def _decode_history(cache, seqs, lens, gen):
     """Prefill each sequence to its length; returns its (k, v) history."""
     history = {}

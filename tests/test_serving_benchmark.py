@@ -29,6 +29,8 @@ def test_smoke_run_writes_points_ratios_and_chart(tmp_path, capsys):
         slow = p["slowest_steps"]
         assert 1 <= len(slow) <= 3 and slow[0]["ms"] >= p["step_ms_median"] > 0
         assert sum(x["prefill_tokens"] for x in slow) <= c * p["input_len"]
+        # kernel variants compiled inside the point (none here: on the CPU the reference ops run)
+        assert p["kernel_variants_compiled"] == {}
     # the same budget holds more tokens in 4-bit: 64 / 20 bytes per vector at head_dim 32 (3.76x at 128)
     cap = {f: pts[("short", 1, f)]["kv_capacity_tokens"] for f in ("bf16", "saw_int4")}
     assert cap["saw_int4"] / cap["bf16"] == pytest.approx(64 / 20, rel=0.05)

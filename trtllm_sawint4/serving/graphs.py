@@ -74,14 +74,17 @@ class DecodeGraphs:
 
     def prepare(self, max_batch: int, widths: list[int]) -> None:
         """Capture now (not in the middle of a measurement) every batch bucket up to max_batch at these widths
-        (on padding rows only: no sequence is touched)."""
+        (on padding rows only: no sequence is touched); without capture, run each bucket's step once, which
+        launches the kernel variants a capture would have compiled."""
         with torch.inference_mode():
             for b in self.batch_sizes:
                 if b > max_batch and b != self.batch_sizes[0]:
                     break
                 for w in widths:
                     bucket, plan = self._plan([], b, w)
-                    if self.capture and bucket.graph is None:
+                    if not self.capture:
+                        self._forward(bucket, plan)
+                    elif bucket.graph is None:
                         self._capture(bucket, plan)
 
     def _forward(self, bucket: _Bucket, plan: StepPlan) -> torch.Tensor:

@@ -133,6 +133,10 @@ class TritonPythonModel:
         self.cfg = ServeConfig.from_parameters(model_config.get("parameters", {}))
         t0 = time.perf_counter()
         engine = build_engine_from_config(self.cfg)
+        # compile every kernel variant and capture the decode graphs before the server reports ready, not
+        # in the first requests' steps (an engine from another factory may have no warm-up)
+        warm_up = getattr(engine, "warm_up", None)
+        warmed = warm_up() if callable(warm_up) else None
         self.loop = EngineLoop(engine)
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -154,7 +158,9 @@ class TritonPythonModel:
             t.start()
         pb_utils.Logger.log_info(
             f"sawint4 engine ready in {time.perf_counter() - t0:.1f}s: kv_format={self.cfg.kv_format} "
-            f"blocks={stats.get('total_blocks')} max_seq_len={stats.get('max_seq_len')} numpy={np.__version__}")
+            f"blocks={stats.get('total_blocks')} max_seq_len={stats.get('max_seq_len')} numpy={np.__version__}"
+            + ("" if warmed is None else f"; warm-up {warmed['steps']} steps, {warmed['graph_captures']} decode "
+                                         f"graphs, {warmed['seconds']:.1f}s"))
 
     # ---- requests ------------------------------------------------------------------------------
     def execute(self, requests):

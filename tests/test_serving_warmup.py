@@ -14,9 +14,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("triton")
 
+from serving_workloads import RAGGED_ARRIVALS, serve  # noqa: E402
 from tiny_models import VOCAB, tiny_model  # noqa: E402
 from trtllm_sawint4.kernels.variants import VariantCensus  # noqa: E402
-from trtllm_sawint4.serving.api import SamplingParams  # noqa: E402
 from trtllm_sawint4.serving.engine import PagedEngine  # noqa: E402
 
 T = 8  # tokens per block
@@ -27,38 +27,16 @@ def _one_thread(one_torch_thread):
     yield
 
 
-def _serve(engine, arrivals):
-    """arrivals: (step, prompt length, max_tokens); returns the number of steps run."""
-    g = torch.Generator().manual_seed(3)
-    pending = sorted(arrivals)
-    step = 0
-    while pending or engine.has_unfinished():
-        while pending and pending[0][0] <= step:
-            _, n, out = pending.pop(0)
-            prompt = torch.randint(0, VOCAB, (n,), generator=g).tolist()
-            engine.add_request(f"r{step}_{len(pending)}", prompt, SamplingParams(max_tokens=out, ignore_eos=True))
-        for e in engine.step():
-            assert e.finish_reason not in ("error", "abort"), e.error
-        step += 1
-        assert step < 500
-    return step
-
-
 def test_no_kernel_variant_compiles_after_the_warm_up(kernels_on_cpu):
     model = tiny_model("llama")
     engine = PagedEngine(model, kv_format="saw_int4", tokens_per_block=T, num_blocks=80, max_batch=18,
                          max_step_tokens=40, max_seq_len=64, decode_graphs="static", graph_batch_sizes=(1, 4, 16),
                          prefix_sharing=False)
-    widths = sorted({engine.graphs.width_bucket(w) for w in range(1, 64 // T + 1)})
     with VariantCensus() as census:
-        done = engine.warm_up(decode_widths=widths)
+        done = engine.warm_up()  # by default the decode graphs of every width bucket (1, 2, 4, 8 blocks)
         warmed = census.snapshot()
         assert engine.counters["steps"] == 0 and done["steps"] > 0  # the warm-up's own steps are not counted
-        # one sequence alone, then a burst of 17 (a step of more than 16 sequences), prompts longer than a
-        # step (chunked prefill), arrivals while others decode (mixed steps), sequences of every width
-        arrivals = [(0, 5, 2), (3, 1, 2)] + [(6, 2 + (i * 7) % 13, 1 + i % 3) for i in range(17)] + \
-                   [(9, 45, 2), (10, 20, 30), (12, 16, 3)]
-        steps = _serve(engine, arrivals)
+        steps = serve(engine, RAGGED_ARRIVALS, VOCAB)
         missed = census.new_since(warmed)
     assert steps > 20
     launched = {name for name, keys in warmed.items() if keys}

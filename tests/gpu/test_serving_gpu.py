@@ -17,6 +17,7 @@ pytestmark = pytest.mark.gpu
 
 pytest.importorskip("transformers")
 
+from serving_workloads import RAGGED_ARRIVALS, serve  # noqa: E402
 from tiny_models import VOCAB, reference_greedy, tiny_model  # noqa: E402
 from trtllm_sawint4.serving.api import SamplingParams  # noqa: E402
 from trtllm_sawint4.serving.engine import PagedEngine  # noqa: E402
@@ -164,3 +165,21 @@ def test_graph_decode_is_faster_than_eager():
     print(f"decode at batch 32: eager {rates['off']:.0f} tok/s, CUDA graphs {rates['on']:.0f} tok/s "
           f"({rates['on'] / rates['off']:.2f}x)")
     assert rates["on"] > rates["off"]
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "saw_int4"])
+def test_no_kernel_compiles_after_the_warm_up_on_cuda(fmt):
+    """Triton's own compile caches: after warm_up(), a ragged workload (one sequence alone, a step of 17,
+    chunked prefill, mixed steps, every block-table width, CUDA-graph decode) compiles no kernel variant."""
+    from trtllm_sawint4.kernels.variants import VariantCensus
+
+    model = tiny_model("llama").cuda()
+    engine = PagedEngine(model, kv_format=fmt, tokens_per_block=T, num_blocks=80, max_batch=18, max_step_tokens=40,
+                         max_seq_len=64, decode_graphs="on", graph_batch_sizes=(1, 4, 16), prefix_sharing=False)
+    with VariantCensus() as census:
+        engine.warm_up()
+        warmed = census.snapshot()
+        serve(engine, RAGGED_ARRIVALS, VOCAB)
+        missed = census.new_since(warmed)
+    assert sum(map(len, warmed.values())) > 0  # the census read the compile caches
+    assert missed == {}, missed

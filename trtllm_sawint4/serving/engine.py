@@ -265,23 +265,26 @@ class PagedEngine:
         still selects a variant is how many sequences a prefill step holds, bucketed by powers of two
         (kernels/prefill.py prefill_batch_pad). One step per bucket up to max_batch launches each: one-token
         prompts and one two-token prompt (a step where every sequence adds one token is a decode step), and
-        the decode step that follows captures the decode graph of that batch. Then the
-        decode graphs of every batch bucket are captured at `decode_widths` (block-table widths in blocks;
-        default: the narrowest). The engine must be idle; the counters are left as they were.
-        Returns what it did: steps, graph captures, seconds."""
+        the decode step that follows captures the decode graph of that batch. Then the decode graphs of
+        every batch bucket are captured at `decode_widths` (block-table widths in blocks; default: every
+        width bucket up to max_seq_len). The engine must be idle; the counters are left as they were.
+        Returns what it did: steps, batches, graph captures, seconds."""
         if self.has_unfinished():
             raise RuntimeError("warm_up() runs on an idle engine; this one has requests in flight")
         t0 = time.perf_counter()
         counters = dict(self.counters)
         captures = self.graphs.num_captures if self.graphs is not None else 0
-        max_batch = min(self.scheduler.max_batch, self.scheduler.max_step_tokens - 1)
+        max_batch = max(1, min(self.scheduler.max_batch, self.scheduler.max_step_tokens - 1))
         batches = sorted({1, max_batch} | {n + 1 for n in (1 << k for k in range(max_batch.bit_length()))
                                            if n + 1 <= max_batch})
         params = SamplingParams(max_tokens=2, ignore_eos=True)
         for n in batches:
-            self.generate([[i % self.vocab_size] for i in range(n - 1)] + [[1, 2]], params)
+            prompts = [[i % self.vocab_size] for i in range(n + 1)]
+            self.generate(prompts[:n - 1] + [prompts[n - 1] + prompts[n]], params)
         if self.graphs is not None:
-            self.graphs.prepare(max_batch, decode_widths or [1])
+            every_width = {self.graphs.width_bucket(w) for w in range(1, self.graphs.max_width + 1)}
+            decode_batch = min(self.scheduler.max_batch, self.scheduler.max_step_tokens)
+            self.graphs.prepare(decode_batch, decode_widths or sorted(every_width))
         done = dict(steps=self.counters["steps"] - counters["steps"], batches=batches,
                     graph_captures=(self.graphs.num_captures if self.graphs is not None else 0) - captures,
                     seconds=time.perf_counter() - t0)

@@ -371,11 +371,86 @@ def _ints(text: str, name: str) -> list[int]:
     return values
 
 
+def _warm_up(engine, scenarios, prompts, max_step_tokens: int) -> dict:
+    """Launch every kernel variant and capture the decode graphs the scenarios will meet, outside the timed
+    loops; one full-size prompt per scenario also grows the allocator to the largest step's activations."""
+    from .api import SamplingParams
+
+    widths = sorted({w for sc in scenarios for w in _graph_widths(engine, sc.input_len, sc.output_len)})
+    warmed = engine.warm_up(decode_widths=widths or None)
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    for sc in scenarios:
+        engine.generate([prompts[sc.name][0][:min(sc.input_len, max_step_tokens + 17)]], params)
+    return warmed
+
+
+def _bench_format(engine, scenarios, prompts, args, census, report, log) -> None:
+    """Warm one format's engine up, then run every (scenario, concurrency) point on it into `report`."""
+    fmt = engine.spec.kv_format
+    t = time.perf_counter()
+    capacity = (engine.cache.allocator.num_blocks - engine.reserved_blocks) * args.tokens_per_block
+    longest = max(sc.input_len + sc.output_len for sc in scenarios)
+    warmed = _warm_up(engine, scenarios, prompts, args.max_step_tokens)
+    warm = time.perf_counter() - t
+    compiled = census.snapshot()
+    log(f"## {fmt}: {capacity} KV tokens in the budget ({capacity // longest} sequences of {longest}); "
+        f"warm-up {warm:.1f} s ({warmed['steps']} steps at batches {warmed['batches']}, "
+        f"{engine.graphs.num_captures if engine.graphs else 0} decode graphs)")
+    for sc in scenarios:
+        for conc in sc.concurrency:
+            before = engine.stats()
+            profile = None
+
+            def on_steady(eng, _conc=conc):
+                """Profile once the batch is as large as the pool lets it be."""
+                nonlocal profile
+                if len(eng.scheduler.running) < min(_conc, max(1, capacity // longest)):
+                    return None
+                profile, events = profile_decode_step(eng)
+                return events
+
+            res = run_point(engine, prompts[sc.name][:conc * sc.requests_per_client], sc.output_len, conc,
+                            on_steady=None if args.no_profile or conc != max(sc.concurrency) else on_steady)
+            after = engine.stats()
+            missed = census.new_since(compiled)
+            compiled = census.snapshot()
+            steps = max(1, after["steps"] - before["steps"])
+            host = {f"{k}_ms_per_step": 1e3 * (after[f"{k}_s"] - before[f"{k}_s"]) / steps
+                    for k in ("schedule", "plan", "forward", "step")}
+            report.add(dict(scenario=sc.name, input_len=sc.input_len, output_len=sc.output_len, concurrency=conc,
+                            kv_format=fmt, kv_capacity_tokens=capacity, warmup_s=warm,
+                            preemptions=after["num_preemptions"] - before["num_preemptions"],
+                            graph_steps=after["graph_steps"] - before["graph_steps"],
+                            kernel_variants_compiled={k: len(v) for k, v in missed.items()}, **host, **res))
+            if profile is not None:
+                report.profiles.append(dict(scenario=sc.name, concurrency=conc, kv_format=fmt, **profile))
+                report.write()
+            _log_point(log, sc, conc, fmt, res, host, missed, profile)
+
+
+def _log_point(log, sc, conc: int, fmt: str, res: dict, host: dict, missed: dict, profile: dict | None) -> None:
+    log(f"{sc.name} {sc.input_len}/{sc.output_len} c={conc} {fmt}: {res['output_tok_s']:.1f} out tok/s, TTFT "
+        f"{res['ttft_median_s']:.3f}/{res['ttft_p90_s']:.3f} s, TPOT {res['tpot_median_ms']:.2f}/"
+        f"{res['tpot_p90_ms']:.2f} ms, peak running {res['peak_running']}, {res['wall_s']:.1f} s; per step: "
+        f"schedule {host['schedule_ms_per_step']:.2f} + plan {host['plan_ms_per_step']:.2f} + forward and "
+        f"sampling {host['forward_ms_per_step']:.2f} ms")
+    if res["slowest_steps"]:
+        w = res["slowest_steps"][0]
+        log(f"   slowest step #{w['step']}: {w['ms']:.1f} ms ({w['prefill_tokens']} prefill + "
+            f"{w['decode_tokens']} decode tokens{', graph' if w['graph'] else ''}); median step "
+            f"{res['step_ms_median']:.2f} ms")
+    if missed:
+        log("   compiled inside this point (a warm-up miss): " + ", ".join(f"{k} x{len(v)}" for k, v in missed.items()))
+    if profile is not None and "attention_frac" in profile:
+        log(f"   profile of a decode step at batch {profile['batch']}: replayed {profile['replayed_step_ms']:.2f} ms; "
+            f"eager device {profile['eager_device_ms']:.2f} ms = attention {100 * profile['attention_frac']:.0f}% / "
+            f"GEMM {100 * profile['gemm_frac']:.0f}% / other {100 * profile['other_frac']:.0f}%")
+
+
 def run(args) -> int:
     import torch
 
     from ..kernels.variants import VariantCensus
-    from .api import SamplingParams
     from .engine import PagedEngine
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -440,78 +515,11 @@ def run(args) -> int:
     # which kernel variants Triton compiles inside the timed points: each one stalls the step that meets it
     with VariantCensus() as census:
         for fmt in formats:
-            t = time.perf_counter()
             engine = PagedEngine(model, kv_format=fmt, kv_cache_bytes=budget, max_batch=max_conc,
                                  max_step_tokens=args.max_step_tokens, tokens_per_block=args.tokens_per_block,
                                  max_seq_len=longest, prefix_sharing=False, reserve_output=True,
                                  decode_graphs="off" if args.no_graphs else "auto", seed=args.seed)
-            capacity = (engine.cache.allocator.num_blocks - engine.reserved_blocks) * args.tokens_per_block
-            # compile every kernel variant and capture the decode graphs the runs will meet, outside the timed
-            # loops (the census below reports any it missed); one full-size prompt per scenario also grows the
-            # allocator to the largest step's activations
-            widths = sorted({w for sc in scenarios for w in _graph_widths(engine, sc.input_len, sc.output_len)})
-            warmed = engine.warm_up(decode_widths=widths or None)
-            warm_params = SamplingParams(max_tokens=2, ignore_eos=True)
-            for sc in scenarios:
-                n = min(sc.input_len, args.max_step_tokens + 17)
-                engine.generate([prompts[sc.name][0][:n]], warm_params)
-            warm = time.perf_counter() - t
-            compiled = census.snapshot()
-            log(f"## {fmt}: {capacity} KV tokens in the budget ({capacity // longest} sequences of {longest}); "
-                f"warm-up {warm:.1f} s ({warmed['steps']} steps at batches {warmed['batches']}, "
-                f"{engine.graphs.num_captures if engine.graphs else 0} decode graphs)")
-            for sc in scenarios:
-                for conc in sc.concurrency:
-                    n = conc * sc.requests_per_client
-                    before = engine.stats()
-                    profile = None
-
-                    def on_steady(eng, _conc=conc):
-                        """Profile once the batch is as large as the pool lets it be."""
-                        nonlocal profile
-                        full = min(_conc, max(1, capacity // longest))
-                        if len(eng.scheduler.running) < full:
-                            return None
-                        profile, events = profile_decode_step(eng)
-                        return events
-
-                    res = run_point(engine, prompts[sc.name][:n], sc.output_len, conc,
-                                    on_steady=None if args.no_profile or conc != max(sc.concurrency) else on_steady)
-                    after = engine.stats()
-                    missed = census.new_since(compiled)
-                    compiled = census.snapshot()
-                    steps = max(1, after["steps"] - before["steps"])
-                    host = {f"{k}_ms_per_step": 1e3 * (after[f"{k}_s"] - before[f"{k}_s"]) / steps
-                            for k in ("schedule", "plan", "forward", "step")}
-                    point = dict(scenario=sc.name, input_len=sc.input_len, output_len=sc.output_len, concurrency=conc,
-                                 kv_format=fmt, kv_capacity_tokens=capacity, warmup_s=warm,
-                                 preemptions=after["num_preemptions"] - before["num_preemptions"],
-                                 graph_steps=after["graph_steps"] - before["graph_steps"],
-                                 kernel_variants_compiled={k: len(v) for k, v in missed.items()}, **host, **res)
-                    report.add(point)
-                    if profile is not None:
-                        report.profiles.append(dict(scenario=sc.name, concurrency=conc, kv_format=fmt, **profile))
-                        report.write()
-                    log(f"{sc.name} {sc.input_len}/{sc.output_len} c={conc} {fmt}: {res['output_tok_s']:.1f} out "
-                        f"tok/s, TTFT {res['ttft_median_s']:.3f}/{res['ttft_p90_s']:.3f} s, TPOT "
-                        f"{res['tpot_median_ms']:.2f}/{res['tpot_p90_ms']:.2f} ms, peak running "
-                        f"{res['peak_running']}, {res['wall_s']:.1f} s; per step: schedule "
-                        f"{host['schedule_ms_per_step']:.2f} + plan {host['plan_ms_per_step']:.2f} + forward and "
-                        f"sampling {host['forward_ms_per_step']:.2f} ms")
-                    if res["slowest_steps"]:
-                        w = res["slowest_steps"][0]
-                        log(f"   slowest step #{w['step']}: {w['ms']:.1f} ms ({w['prefill_tokens']} prefill + "
-                            f"{w['decode_tokens']} decode tokens{', graph' if w['graph'] else ''}); median step "
-                            f"{res['step_ms_median']:.2f} ms")
-                    if missed:
-                        log(f"   compiled inside this point (a warm-up miss): "
-                            + ", ".join(f"{k} x{len(v)}" for k, v in missed.items()))
-                    if profile is not None and "attention_frac" in profile:
-                        log(f"   profile of a decode step at batch {profile['batch']}: replayed "
-                            f"{profile['replayed_step_ms']:.2f}"
-                            f" ms; eager device {profile['eager_device_ms']:.2f} ms = attention "
-                            f"{100 * profile['attention_frac']:.0f}% / GEMM {100 * profile['gemm_frac']:.0f}% / other "
-                            f"{100 * profile['other_frac']:.0f}%")
+            _bench_format(engine, scenarios, prompts, args, census, report, log)
             del engine
             gc.collect()
             if device.type == "cuda":

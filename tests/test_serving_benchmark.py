@@ -56,3 +56,29 @@ def test_kernel_categories_and_bad_arguments():
         benchmark.main(["--arch", "tiny", "--device", "cpu"])  # the real-size defaults on the tiny model
     with pytest.raises(ValueError, match="--arch"):
         benchmark.architecture("gpt-5")
+
+
+def test_the_profiled_step_runs_the_replayed_steps_plan():
+    """The profile's eager step runs on its graph bucket's plan (the schedule and kernel variants the replays
+    use), not as an unpadded eager step whose schedule nothing may have compiled before."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import tiny_model
+    from trtllm_sawint4.serving.api import SamplingParams
+    from trtllm_sawint4.serving.engine import PagedEngine
+
+    engine = PagedEngine(tiny_model("llama"), kv_format="saw_int4", tokens_per_block=8, num_blocks=40, max_batch=4,
+                         decode_graphs="static", graph_batch_sizes=(4,))
+    for i in range(3):
+        engine.add_request(f"r{i}", [5 + i] * (3 + 4 * i), SamplingParams(max_tokens=12, ignore_eos=True))
+    engine.step()
+    while not all(s.remaining == 1 for s in engine.scheduler.running):  # until every sequence decodes
+        engine.step()
+    before = engine.counters["graph_steps"]
+    profile, events = benchmark.profile_decode_step(engine, steps=2)
+    assert profile["batch"] == 3 and len(events) == 3 * 3
+    assert engine.counters["graph_steps"] - before == 3  # the two timed steps and the profiled one
+    assert engine.graphs.last_plan.num_rows == 4  # the bucket's padded plan
+    assert engine.graphs.replay  # restored

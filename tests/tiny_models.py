@@ -2,11 +2,14 @@
 
 Each keeps its architecture's peculiarity: Llama (plain GQA), Qwen2 (q/k/v bias: K bias), Qwen3 (q/k RMSNorm),
 Mistral, Gemma-3 (head_dim 256, sliding-window layers, query_pre_attn_scalar scaling). The LM head is scaled
-up so that greedy choices have clear margins: token-for-token comparisons then test the engine, not float
-rounding between two equally likely tokens.
+up so that most greedy choices have clear margins. Where the engine and `generate()` run one float path
+(the CPU tests) their tokens must be equal; where they round differently (kernels at other batch shapes on a
+GPU) `assert_agree_with_greedy` lets a sequence leave generate()'s path only at a near-tie.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -57,11 +60,27 @@ def tiny_model(kind: str, seed: int = 0, dtype=torch.float32, **kw):
 def reference_greedy(model, prompt: list[int], n: int, kv_format: str | None, tokens_per_block: int = 8) -> list[int]:
     """`model.generate()` greedy tokens: through SawInt4Cache in `kv_format`, or stock transformers (sdpa,
     DynamicCache) for kv_format=None. Leaves the model on sdpa."""
+    return scored_reference_greedy(model, prompt, n, kv_format, tokens_per_block).tokens
+
+
+@dataclass(frozen=True)
+class GreedyReference:
+    """generate()'s greedy tokens with, at each step, its top-1 minus top-2 logit and its second choice."""
+
+    tokens: list[int]
+    margins: list[float]
+    runners_up: list[int]
+
+
+def scored_reference_greedy(model, prompt: list[int], n: int, kv_format: str | None,
+                            tokens_per_block: int = 8) -> GreedyReference:
+    """reference_greedy with the margin of every choice (for agrees_with_greedy)."""
     from trtllm_sawint4.integrations.transformers import SawInt4Cache, cache_kwarg, spec_for_config
 
-    ids = torch.tensor([prompt])
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                  eos_token_id=None, pad_token_id=0)
+                  eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         if kv_format is None:
             model.set_attn_implementation("sdpa")
@@ -72,7 +91,38 @@ def reference_greedy(model, prompt: list[int], n: int, kv_format: str | None, to
                                  max_tokens=len(prompt) + n)
             out = model.generate(ids, **cache_kwarg(model, cache), **kwargs)
     model.set_attn_implementation("sdpa")
-    return out[0, len(prompt):].tolist()
+    top = [logits[0].float().topk(2) for logits in out.logits]
+    return GreedyReference(out.sequences[0, len(prompt):].tolist(), [(t.values[0] - t.values[1]).item() for t in top],
+                           [int(t.indices[1]) for t in top])
+
+
+#: generate()'s top-1/top-2 logit gap below which the engine may take the other token. Where the engine
+#: and generate() run the kernels at different batch shapes (on a GPU: bf16 dots, other tiles, a decode
+#: kernel where generate() ran the prefill one), their logits differ by rounding, ~1e-2 here; the tiny
+#: models' logits have a standard deviation of ~1.2 and a median gap of ~0.4 (0.003-0.02 at their closest).
+NEAR_TIE = 0.05
+
+
+def agrees_with_greedy(got: list[int], ref: GreedyReference, near_tie: float = NEAR_TIE) -> str | None:
+    """None when `got` equals generate()'s tokens, or equals them up to a step where generate()'s choice was
+    a near-tie and `got` took its second choice (from there the two continue different texts); otherwise
+    what differs."""
+    for i, (a, b) in enumerate(zip(got, ref.tokens)):
+        if a != b:
+            if ref.margins[i] < near_tie and a == ref.runners_up[i]:
+                return None
+            return (f"token {i}: engine {a}, generate() {b} (margin {ref.margins[i]:.4f}, second choice "
+                    f"{ref.runners_up[i]}); engine {got}, generate() {ref.tokens}")
+    return None if len(got) == len(ref.tokens) else f"lengths differ: engine {got}, generate() {ref.tokens}"
+
+
+def assert_agree_with_greedy(got: list[list[int]], refs: list[GreedyReference], max_near_ties: int = 2) -> None:
+    """Every sequence agrees (agrees_with_greedy), and at most `max_near_ties` of them leave generate()'s path
+    at a near-tie (the rest are equal token for token)."""
+    errors = [f"prompt {i}: {e}" for i, (g, r) in enumerate(zip(got, refs)) if (e := agrees_with_greedy(g, r))]
+    assert len(got) == len(refs) and not errors, "\n".join(errors)
+    ties = sum(g != r.tokens for g, r in zip(got, refs))
+    assert ties <= max_near_ties, f"{ties} of {len(refs)} sequences left generate()'s path at a near-tie"
 
 
 class CharTokenizer:

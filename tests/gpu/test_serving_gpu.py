@@ -1,8 +1,10 @@
 """The serving engine on a GPU: Triton kernels, CUDA-graph decode steps, preemption and forks, against
 `model.generate()` through SawInt4Cache on the same device; and a throughput sanity check of the graphs.
 
-Token-for-token checks use float32 tiny models (the kernels then run one float path in both the engine and
-generate(); bf16 GEMMs of different batch shapes may round differently). The production shapes (bf16 model,
+Token checks use float32 tiny models against generate() through the same kernels; the engine runs them at
+other batch shapes (a sequence's tokens go through the prefill kernel in one and the decode kernel in the
+other, with bf16 dots), so a sequence may leave generate()'s path at a near-tie of its logits and only there
+(tiny_models.assert_agree_with_greedy). The production shapes (bf16 model,
 head_dim 128, 64-token blocks: the Gluon INT4 decode kernel) are checked on logits of a captured step against
 the same step run eagerly, and on the first generated tokens."""
 
@@ -18,7 +20,8 @@ pytestmark = pytest.mark.gpu
 pytest.importorskip("transformers")
 
 from serving_workloads import RAGGED_ARRIVALS, serve  # noqa: E402
-from tiny_models import VOCAB, reference_greedy, tiny_model  # noqa: E402
+from tiny_models import (VOCAB, assert_agree_with_greedy, reference_greedy, scored_reference_greedy,  # noqa: E402
+                         tiny_model)
 from trtllm_sawint4.serving.api import SamplingParams  # noqa: E402
 from trtllm_sawint4.serving.engine import PagedEngine  # noqa: E402
 
@@ -60,27 +63,28 @@ def model(request):
 
 @pytest.mark.parametrize("fmt", ["bf16", "int4", "saw_int4"])
 def test_greedy_equals_generate_with_cuda_graphs(model, fmt):
-    refs = [reference_greedy(model, p, 10, fmt, T) for p in PROMPTS]
+    refs = [scored_reference_greedy(model, p, 10, fmt, T) for p in PROMPTS]
     engine = PagedEngine(model, kv_format=fmt, tokens_per_block=T, num_blocks=64, max_batch=6, max_step_tokens=24,
                          decode_graphs="on")
-    assert _run(engine, PROMPTS) == refs
+    assert_agree_with_greedy(_run(engine, PROMPTS), refs)
     s = engine.stats()
     assert s["cuda_graphs"] and s["graph_steps"] > 0 and engine.graphs.num_captures > 0
     assert s["free_blocks"] == s["total_blocks"]
     eager = PagedEngine(model, kv_format=fmt, tokens_per_block=T, num_blocks=64, max_batch=6, max_step_tokens=24,
                         decode_graphs="off")
-    assert _run(eager, PROMPTS) == refs
+    assert_agree_with_greedy(_run(eager, PROMPTS), refs)
     if fmt == "bf16":
-        assert refs == [reference_greedy(model, p, 10, None) for p in PROMPTS]
+        stock = [scored_reference_greedy(model, p, 10, None) for p in PROMPTS]
+        assert_agree_with_greedy([r.tokens for r in refs], stock)
 
 
 def test_preemption_and_forks_on_cuda(model):
     base = _prompts((26,), seed=4)[0]
     prompts = PROMPTS[:4] + [base + [1], base + [2, 3], base]
-    refs = [reference_greedy(model, p, 10, "saw_int4", T) for p in prompts]
+    refs = [scored_reference_greedy(model, p, 10, "saw_int4", T) for p in prompts]
     engine = PagedEngine(model, kv_format="saw_int4", tokens_per_block=T, num_blocks=8, max_batch=7,
                          max_step_tokens=40, decode_graphs="on")
-    assert _run(engine, prompts, stagger=1) == refs
+    assert_agree_with_greedy(_run(engine, prompts, stagger=1), refs)
     s = engine.stats()
     assert s["num_preemptions"] > 0 and s["num_forks"] > 0
     assert s["free_blocks"] == s["total_blocks"] == 7  # one block holds the graph steps' padding slots

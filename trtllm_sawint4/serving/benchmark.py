@@ -17,6 +17,7 @@ and the JSON under --out is rewritten after each one, so a run cut short by a ti
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -186,8 +187,9 @@ def kernel_category(name: str) -> str:
 def profile_decode_step(engine, steps: int = 3) -> tuple[dict, list]:
     """Device time per kernel category of a few steady decode steps, and their host wall time.
 
-    The replayed step (CUDA graph, when the engine captures) gives the wall time; one more step runs eagerly
-    under the profiler so that every kernel is attributed (graph replays are opaque to some profilers)."""
+    The replayed step (CUDA graph, when the engine captures) gives the wall time; one more step runs eagerly on
+    its bucket's plan under the profiler so that every kernel is attributed (graph replays are opaque to some
+    profilers)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -200,24 +202,30 @@ def profile_decode_step(engine, steps: int = 3) -> tuple[dict, list]:
         events += engine.step()
     sync()
     step_ms = 1e3 * (time.perf_counter() - t) / steps
-    graphs, engine.graphs = engine.graphs, None
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
-    try:
-        with profile(activities=acts) as prof:
-            events += engine.step()
-            sync()
-    finally:
-        engine.graphs = graphs
+    # the replayed step's own plan, run eagerly: the kernels (and variants) the graph replays, not an unpadded
+    # step's (whose schedule may need a variant nothing compiled before)
+    eager = engine.graphs.eager_replays() if engine.graphs is not None else contextlib.nullcontext()
+    with eager, profile(activities=acts) as prof:
+        events += engine.step()
+        sync()
     from torch.autograd import DeviceType
 
     device_us = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
+    per_kernel: dict[str, list] = {}  # name -> [launches, microseconds]
     for e in prof.events():  # device-side events only: kernels, copies, memsets
         if e.device_type != DeviceType.CPU:
             us = getattr(e, "device_time_total", None)
-            device_us[kernel_category(e.name)] += us if us is not None else e.cuda_time_total
+            us = us if us is not None else e.cuda_time_total
+            device_us[kernel_category(e.name)] += us
+            k = per_kernel.setdefault(e.name[:80], [0, 0.0])
+            k[0], k[1] = k[0] + 1, k[1] + us
     total_ms = sum(device_us.values()) / 1e3
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:12]
     out = dict(batch=batch, replayed_step_ms=step_ms, eager_device_ms=total_ms,
-               **{f"{k}_ms": v / 1e3 for k, v in device_us.items()})
+               **{f"{k}_ms": v / 1e3 for k, v in device_us.items()},
+               device_launches=sum(n for n, _ in per_kernel.values()),
+               top_kernels=[dict(name=name, launches=n, ms=us / 1e3) for name, (n, us) in top])
     if total_ms > 0:
         out.update({f"{k}_frac": v / 1e3 / total_ms for k, v in device_us.items()})
         out["host_overhead_ms"] = max(0.0, step_ms - total_ms)
@@ -444,7 +452,8 @@ def _log_point(log, sc, conc: int, fmt: str, res: dict, host: dict, missed: dict
     if profile is not None and "attention_frac" in profile:
         log(f"   profile of a decode step at batch {profile['batch']}: replayed {profile['replayed_step_ms']:.2f} ms; "
             f"eager device {profile['eager_device_ms']:.2f} ms = attention {100 * profile['attention_frac']:.0f}% / "
-            f"GEMM {100 * profile['gemm_frac']:.0f}% / other {100 * profile['other_frac']:.0f}%")
+            f"GEMM {100 * profile['gemm_frac']:.0f}% / other {100 * profile['other_frac']:.0f}%, "
+            f"{profile['device_launches']} device launches")
 
 
 def run(args) -> int:

@@ -16,6 +16,7 @@ their logits are dropped.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 
 import torch
@@ -51,6 +52,7 @@ class DecodeGraphs:
         limit = engine.scheduler.max_batch
         self.batch_sizes = [b for b in sizes if b < limit] + [limit]
         self.capture = capture
+        self.replay = True  # False: run captured buckets eagerly on their own plans (eager_replays())
         self.device = engine.device
         self.buckets: dict[tuple[int, int], _Bucket] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
@@ -87,6 +89,16 @@ class DecodeGraphs:
                     elif bucket.graph is None:
                         self._capture(bucket, plan)
 
+    @contextlib.contextmanager
+    def eager_replays(self):
+        """Inside, a step of a captured bucket runs eagerly on the bucket's plan instead of replaying its graph:
+        the same schedule and kernel variants, each launch visible (profilers cannot see into a replay)."""
+        self.replay = False
+        try:
+            yield
+        finally:
+            self.replay = True
+
     def _forward(self, bucket: _Bucket, plan: StepPlan) -> torch.Tensor:
         step = Step(self.cache, plan, self.engine.geometry)
         return forward_step(self.engine.model, bucket.ids, bucket.pos, step, bucket.rows)
@@ -120,7 +132,7 @@ class DecodeGraphs:
         bucket.pos.copy_(dev[1])
         if self.capture and bucket.graph is None:
             self._capture(bucket, plan)
-        if bucket.graph is not None:
+        if bucket.graph is not None and self.replay:
             bucket.graph.replay()
             return bucket.logits[:n]
         return self._forward(bucket, plan)[:n]

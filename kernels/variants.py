@@ -104,6 +104,3 @@ class VariantCensus:
         now = self.snapshot()
         return {name: sorted(map(str, keys - before.get(name, frozenset())))
                 for name, keys in now.items() if keys - before.get(name, frozenset())}
-
-    def counts(self) -> dict[str, int]:
-        return {name: len(keys) for name, keys in self.snapshot().items() if keys}
